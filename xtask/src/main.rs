@@ -1,1 +1,273 @@
-fn main(){}
+//! `cargo xtask`: the project's developer commands (run, test, bench and the
+//! eBPF object build), so that nothing needs a Makefile or a shell script.
+
+mod bench;
+mod ebpf;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "spooky developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build spooky, start three demo backends and spooky with config/spooky.yaml.
+    Run {
+        /// Config file to run with.
+        #[arg(short, long, default_value = "config/spooky.yaml")]
+        config: PathBuf,
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// The whole test suite: fmt, clippy, the eBPF object check (when clang-19 is
+    /// installed) and every test. This is what CI runs.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        args: Vec<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Benchmarks: XDP ns/packet, and spooky against a peer proxy on the same
+    /// backend and client.
+    Bench {
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Interleaved rounds per comparison (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Only this benchmark: `xdp`, `proxy` or `memory`.
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// Rebuild spooky-ebpf/spooky.bpf.o from its C source (needs clang-19 and libbpf-dev).
+    BuildEbpf,
+    /// Fail when the committed spooky.bpf.o does not match its C source.
+    CheckEbpf,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Run { config, release } => run(&config, release),
+        Cmd::Test { args, no_lint } => test(&args, no_lint),
+        Cmd::Bench {
+            seconds,
+            rounds,
+            only,
+        } => bench::run(seconds, rounds, only.as_deref()),
+        Cmd::BuildEbpf => ebpf::build(),
+        Cmd::CheckEbpf => ebpf::check(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn status(cmd: &mut Command) -> Result<ExitStatus> {
+    cmd.status()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))
+}
+
+fn must(cmd: &mut Command) -> Result<()> {
+    let what = format!("{:?}", cmd);
+    let st = status(cmd)?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Builds the spooky binary and returns its path.
+pub fn build_spooky(release: bool) -> Result<PathBuf> {
+    let root = root()?;
+    let mut c = cargo();
+    c.current_dir(&root)
+        .args(["build", "-p", "spooky", "--bin", "spooky"]);
+    if release {
+        c.arg("--release");
+    }
+    must(&mut c)?;
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("spooky"))
+}
+
+/// Kills the children when dropped, so Ctrl-C or an error leaves nothing behind.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (name, c) in &mut self.0 {
+            if let Ok(None) = c.try_wait() {
+                // SIGTERM first so spooky drains and detaches XDP cleanly.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(12);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if let Ok(None) = c.try_wait() {
+                    eprintln!("xtask: killing {name}");
+                    let _ = c.kill();
+                }
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn run(config: &Path, release: bool) -> Result<()> {
+    let root = root()?;
+    let bin = build_spooky(release)?;
+    let config = if config.is_absolute() {
+        config.to_path_buf()
+    } else {
+        root.join(config)
+    };
+    let check = Command::new(&bin)
+        .args(["check", "-c"])
+        .arg(&config)
+        .status()?;
+    if !check.success() {
+        bail!("{} is not a valid config", config.display());
+    }
+    let mut children = Children(Vec::new());
+    for (id, port) in [("backend1", 8081), ("backend2", 8082), ("backend3", 8083)] {
+        let child = Command::new(&bin)
+            .args(["demo-backend", "--id", id, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting demo backend {id}"))?;
+        children.0.push((id.to_owned(), child));
+    }
+    eprintln!("xtask: demo backends backend1..3 on 127.0.0.1:8081-8083 (HTTP/3)");
+    let spooky = Command::new(&bin)
+        .current_dir(&root)
+        .args(["run", "-c"])
+        .arg(&config)
+        .spawn()
+        .context("starting spooky")?;
+    children.0.push(("spooky".into(), spooky));
+    eprintln!(
+        "xtask: spooky is starting; try:\n  {} get --insecure -n 6 https://localhost:9889/\n(Ctrl-C stops everything)",
+        bin.display()
+    );
+    // Ctrl-C reaches the whole process group; wait for spooky to finish its drain.
+    loop {
+        if let Some((_, spooky)) = children.0.last_mut()
+            && let Some(st) = spooky.try_wait()?
+        {
+            eprintln!("xtask: spooky exited ({st})");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Creates (once) a Python venv with aioquic for the independent-client tests.
+fn python_venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target").join("venv");
+    let python = venv.join("bin").join("python");
+    let ready = venv.join(".aioquic-ready");
+    if ready.exists() {
+        return Ok(python);
+    }
+    must(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    must(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("aioquic==1.2.0"),
+    )?;
+    std::fs::write(&ready, b"")?;
+    Ok(python)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn test(args: &[String], no_lint: bool) -> Result<()> {
+    let root = root()?;
+    let started = Instant::now();
+    if !no_lint {
+        eprintln!("xtask: cargo fmt --check");
+        must(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        eprintln!("xtask: cargo clippy");
+        must(cargo().current_dir(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    if have("clang-19") || have("clang") {
+        eprintln!("xtask: checking the committed eBPF object against its source");
+        ebpf::check()?;
+    } else if std::env::var("SPOOKY_PRIVILEGED_TESTS").is_ok_and(|v| v == "1") {
+        bail!(
+            "clang-19 is not installed, so the eBPF object cannot be checked (apt-get install clang-19 libbpf-dev)"
+        );
+    } else {
+        eprintln!("xtask: SKIP eBPF object check: clang-19 not installed");
+    }
+    let python = python_venv(&root)?;
+    eprintln!("xtask: cargo test");
+    let mut c = cargo();
+    c.current_dir(&root)
+        .env("SPOOKY_TEST_PYTHON", &python)
+        .args(["test", "--workspace", "--all-targets"]);
+    if !args.is_empty() {
+        c.arg("--").args(args);
+    }
+    must(&mut c)?;
+    // Doc tests are not in --all-targets.
+    must(
+        cargo()
+            .current_dir(&root)
+            .args(["test", "--workspace", "--doc"]),
+    )?;
+    eprintln!(
+        "xtask: all tests passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
