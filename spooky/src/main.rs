@@ -1,1 +1,309 @@
-fn main(){}
+//! The `spooky` command: run the load balancer, check a config, talk
+//! HTTP/3 (`get`), or run a demo backend.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use spooky::client::{ClientOptions, H3Client};
+use spooky::{body, config, demo, server};
+
+#[derive(Parser)]
+#[command(
+    name = "spooky",
+    version,
+    about = "HTTP/3 load balancer with eBPF connection-ID steering"
+)]
+struct Cli {
+    /// Config file (same as `spooky run -c FILE`).
+    #[arg(short, long, global = false)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer.
+    Run {
+        #[arg(short, long, default_value = "config/spooky.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file; exits non-zero and lists every problem.
+    Check {
+        #[arg(short, long, default_value = "config/spooky.yaml")]
+        config: PathBuf,
+    },
+    /// Send HTTP/3 requests and print the responses.
+    Get(GetArgs),
+    /// Run a demo HTTP/3 backend that answers with its id.
+    DemoBackend {
+        /// Name in responses (`hello from ID`) and the `x-backend-id` header.
+        #[arg(long)]
+        id: String,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// Certificate (PEM/DER); default: a generated self-signed one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key for --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Delay every response by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    /// https://HOST[:PORT]/PATH
+    url: String,
+    /// Number of requests (all on one connection).
+    #[arg(short = 'n', long, default_value_t = 1)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(short = 'c', long, default_value_t = 1)]
+    concurrency: usize,
+    /// Accept any server certificate.
+    #[arg(short = 'k', long)]
+    insecure: bool,
+    /// Trust this CA certificate (PEM/DER).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Method.
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    /// Extra header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Request body; `@FILE` reads a file.
+    #[arg(short = 'd', long)]
+    data: Option<String>,
+    /// Print only the status line of each response (and the summary).
+    #[arg(short = 's', long)]
+    status_only: bool,
+    /// Print response headers too.
+    #[arg(short = 'i', long)]
+    include: bool,
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match (cli.command, cli.config) {
+        (Some(Command::Run { config }), _) | (None, Some(config)) => run(config),
+        (None, None) => run(PathBuf::from("config/spooky.yaml")),
+        (Some(Command::Check { config }), _) => check(config),
+        (Some(Command::Get(args)), _) => get(args),
+        (
+            Some(Command::DemoBackend {
+                id,
+                listen,
+                cert,
+                key,
+                delay_ms,
+            }),
+            _,
+        ) => demo_backend(id, listen, cert.zip(key), delay_ms),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spooky: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> Result<ExitCode> {
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    init_logging(&cfg.log_level);
+    server::run(cfg)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: PathBuf) -> Result<ExitCode> {
+    match config::load(&path) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} upstream{}, {} route{}, {} worker{})",
+                path.display(),
+                cfg.upstreams.len(),
+                if cfg.upstreams.len() == 1 { "" } else { "s" },
+                cfg.routes.len(),
+                if cfg.routes.len() == 1 { "" } else { "s" },
+                cfg.listen.workers,
+                if cfg.listen.workers == 1 { "" } else { "s" },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn demo_backend(
+    id: String,
+    listen: std::net::SocketAddr,
+    tls: Option<(PathBuf, PathBuf)>,
+    delay_ms: u64,
+) -> Result<ExitCode> {
+    init_logging("info");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(demo::serve(demo::DemoOptions {
+        id,
+        listen,
+        tls,
+        delay: Duration::from_millis(delay_ms),
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn get(args: GetArgs) -> Result<ExitCode> {
+    init_logging("warn");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(get_async(args))
+}
+
+async fn get_async(args: GetArgs) -> Result<ExitCode> {
+    let opts = ClientOptions {
+        insecure: args.insecure,
+        ca: args.ca.clone(),
+        ..Default::default()
+    };
+    let method = Method::from_bytes(args.method.as_bytes()).context("invalid method")?;
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let Some((n, v)) = h.split_once(':') else {
+            bail!("header `{h}` is not `name: value`");
+        };
+        headers.push((
+            HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes())?,
+            HeaderValue::from_str(v.trim())?,
+        ));
+    }
+    let data: Option<Bytes> = match &args.data {
+        None => None,
+        Some(d) => Some(match d.strip_prefix('@') {
+            Some(file) => std::fs::read(file)
+                .with_context(|| format!("reading {file}"))?
+                .into(),
+            None => Bytes::from(d.clone().into_bytes()),
+        }),
+    };
+    let started = Instant::now();
+    let client = H3Client::connect(&args.url, &opts).await?;
+    let (_, _, uri) = spooky::client::parse_url(&args.url)?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let client = std::sync::Arc::new(client);
+    let mut tasks = Vec::new();
+    for i in 0..args.requests {
+        let permit = sem.clone().acquire_owned().await?;
+        let (client, method, path, headers, data) = (
+            client.clone(),
+            method.clone(),
+            path.clone(),
+            headers.clone(),
+            data.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let mut req = Request::builder().method(method).uri(path.as_str());
+            for (n, v) in headers {
+                req = req.header(n, v);
+            }
+            let body = data.map_or_else(body::empty, body::full);
+            let resp = client.send(req.body(body)?).await?;
+            let (parts, body) = resp.into_parts();
+            let collected = body.collect().await.map_err(|e| anyhow::anyhow!(e))?;
+            let trailers = collected.trailers().cloned();
+            Ok::<_, anyhow::Error>((i, parts, collected.to_bytes(), trailers))
+        }));
+    }
+    let mut ok = 0usize;
+    let mut failed = 0usize;
+    let mut out = std::io::stdout().lock();
+    for t in tasks {
+        match t.await? {
+            Ok((i, parts, bytes, trailers)) => {
+                ok += 1;
+                if args.requests > 1 {
+                    write!(out, "[{i}] ")?;
+                }
+                writeln!(out, "{:?} {}", parts.version, parts.status)?;
+                if args.include {
+                    for (k, v) in &parts.headers {
+                        writeln!(out, "{k}: {}", v.to_str().unwrap_or("<binary>"))?;
+                    }
+                }
+                if !args.status_only {
+                    out.write_all(&bytes)?;
+                    if !bytes.ends_with(b"\n") && !bytes.is_empty() {
+                        writeln!(out)?;
+                    }
+                }
+                if args.include
+                    && let Some(t) = trailers
+                {
+                    for (k, v) in &t {
+                        writeln!(out, "trailer {k}: {}", v.to_str().unwrap_or("<binary>"))?;
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                writeln!(out, "error: {e:#}")?;
+            }
+        }
+    }
+    if args.requests > 1 {
+        let secs = started.elapsed().as_secs_f64();
+        writeln!(
+            out,
+            "{ok} ok, {failed} failed in {secs:.3} s ({:.0} req/s)",
+            ok as f64 / secs
+        )?;
+    }
+    drop(out);
+    if let Ok(c) = std::sync::Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,670 @@
+//! Streaming bodies: the one body type the proxy passes between downstream
+//! and upstream, adapters from HTTP/3 streams into it and out of it, and the
+//! wrappers that bound a body in time (idle timeout) and size.
+//!
+//! Every adapter pulls one frame at a time, so a body costs at most one
+//! chunk plus the transport's flow-control window, whatever its length.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::time::{Instant, Sleep};
+
+/// Error type carried by bodies: any transport error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type every proxy phase works with.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why a body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("no body data for {0:?}")]
+    Idle(Duration),
+    #[error("body exceeds the {limit}-byte limit")]
+    TooLarge { limit: u64 },
+    #[error("HTTP/3 stream error: {0}")]
+    H3(#[from] h3::error::StreamError),
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body of one chunk.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Boxes any body into a [`ProxyBody`].
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// The receiving half of an HTTP/3 request stream, on either side.
+pub trait H3Recv: Send + Unpin + 'static {
+    /// Polls the next DATA chunk.
+    fn poll_data(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, h3::error::StreamError>>;
+    /// Polls the trailers, after the last DATA chunk.
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>>;
+    /// Aborts reading (STOP_SENDING) with `H3_REQUEST_CANCELLED`.
+    fn cancel(&mut self);
+}
+
+macro_rules! impl_h3_recv {
+    ($t:ty) => {
+        impl H3Recv for $t {
+            fn poll_data(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
+                self.poll_recv_data(cx)
+                    .map_ok(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining())))
+            }
+            fn poll_trailers(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
+                self.poll_recv_trailers(cx)
+            }
+            fn cancel(&mut self) {
+                self.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+            }
+        }
+    };
+}
+
+impl_h3_recv!(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>);
+impl_h3_recv!(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecvPhase {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// An HTTP/3 receive stream as an `http_body::Body`. Holds an optional
+/// guard (for example a pooled connection's in-flight slot) released when
+/// the body ends or is dropped.
+pub struct H3Body<R: H3Recv> {
+    recv: R,
+    phase: RecvPhase,
+    size_hint: SizeHint,
+    guard: Option<Box<dyn Send>>,
+}
+
+impl<R: H3Recv> H3Body<R> {
+    /// Wraps `recv`; `content_length` (when the peer announced one) feeds
+    /// the size hint.
+    pub fn new(recv: R, content_length: Option<u64>, guard: Option<Box<dyn Send>>) -> Self {
+        let size_hint = content_length.map_or_else(SizeHint::new, SizeHint::with_exact);
+        Self {
+            recv,
+            phase: RecvPhase::Data,
+            size_hint,
+            guard,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = RecvPhase::Done;
+        self.guard = None;
+    }
+}
+
+impl<R: H3Recv> Drop for H3Body<R> {
+    fn drop(&mut self) {
+        // Nobody will read the rest: tell the peer to stop sending instead of
+        // letting flow control stall it.
+        if self.phase != RecvPhase::Done {
+            self.recv.cancel();
+        }
+    }
+}
+
+impl<R: H3Recv> Body for H3Body<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.phase {
+                RecvPhase::Data => match ready!(this.recv.poll_data(cx)) {
+                    Ok(Some(chunk)) if chunk.is_empty() => continue,
+                    Ok(Some(chunk)) => return Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                    Ok(None) => this.phase = RecvPhase::Trailers,
+                    Err(e) => {
+                        this.finish();
+                        return Poll::Ready(Some(Err(BodyError::H3(e).into())));
+                    }
+                },
+                RecvPhase::Trailers => {
+                    let r = ready!(this.recv.poll_trailers(cx));
+                    this.finish();
+                    return Poll::Ready(match r {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(BodyError::H3(e).into())),
+                    });
+                }
+                RecvPhase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.phase == RecvPhase::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size_hint
+    }
+}
+
+/// Fails a body that yields no frame for `idle`: a stalled peer cannot pin
+/// a stream (and its buffers) forever.
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    /// Wraps `inner`; the timer starts now.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(BodyError::Idle(this.idle).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;
+
+/// Fails a body once it has carried more than `limit` bytes of data.
+pub struct Limited<B> {
+    inner: B,
+    remaining: u64,
+    limit: u64,
+}
+
+impl<B> Limited<B> {
+    /// Wraps `inner` with a byte limit.
+    pub fn new(inner: B, limit: u64) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            let n = data.len() as u64;
+            if n > this.remaining {
+                this.remaining = 0;
+                return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit }.into())));
+            }
+            this.remaining -= n;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The limit, when an error (anywhere in its source chain) is ours saying
+/// the body was too large.
+pub fn too_large_limit(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(BodyError::TooLarge { limit }) = e.downcast_ref::<BodyError>() {
+            return Some(*limit);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Streams `body` into an HTTP/3 send stream: DATA frames, then trailers,
+/// then FIN. On a body error the stream is reset (never finished), so the
+/// peer cannot mistake a truncated body for a complete one.
+pub async fn send_h3<S>(
+    mut body: ProxyBody,
+    stream: &mut H3SendHalf<S>,
+) -> Result<u64, SendBodyError>
+where
+    S: h3::quic::SendStream<Bytes>,
+{
+    let mut sent = 0u64;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    stream.send_data(data).await.map_err(SendBodyError::Peer)?;
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream
+                            .send_trailers(trailers)
+                            .await
+                            .map_err(SendBodyError::Peer)?;
+                    }
+                    // Trailers end the message.
+                    break;
+                }
+            },
+            Some(Err(e)) => {
+                stream.reset(h3::error::Code::H3_REQUEST_CANCELLED);
+                return Err(SendBodyError::Source(e));
+            }
+        }
+    }
+    stream.finish().await.map_err(SendBodyError::Peer)?;
+    Ok(sent)
+}
+
+/// Why [`send_h3`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SendBodyError {
+    /// The body we were copying failed (its peer reset, idle, too large).
+    #[error("source body failed: {0}")]
+    Source(BoxError),
+    /// The stream we were writing to failed.
+    #[error("peer stream failed: {0}")]
+    Peer(h3::error::StreamError),
+}
+
+/// The sending half of an HTTP/3 request stream, on either side.
+pub enum H3SendHalf<S: h3::quic::SendStream<Bytes>> {
+    /// Server side: sending a response.
+    Server(h3::server::RequestStream<S, Bytes>),
+    /// Client side: sending a request.
+    Client(h3::client::RequestStream<S, Bytes>),
+}
+
+impl<S: h3::quic::SendStream<Bytes>> H3SendHalf<S> {
+    async fn send_data(&mut self, data: Bytes) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3SendHalf::Server(s) => s.send_data(data).await,
+            H3SendHalf::Client(s) => s.send_data(data).await,
+        }
+    }
+
+    async fn send_trailers(&mut self, t: HeaderMap) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3SendHalf::Server(s) => s.send_trailers(t).await,
+            H3SendHalf::Client(s) => s.send_trailers(t).await,
+        }
+    }
+
+    async fn finish(&mut self) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3SendHalf::Server(s) => s.finish().await,
+            H3SendHalf::Client(s) => s.finish().await,
+        }
+    }
+
+    /// Resets the stream with `code`.
+    pub fn reset(&mut self, code: h3::error::Code) {
+        match self {
+            H3SendHalf::Server(s) => s.stop_stream(code),
+            H3SendHalf::Client(s) => s.stop_stream(code),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fires_on_a_stalled_body() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stalled = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let mut body = IdleTimeout::new(boxed(stalled), Duration::from_secs(5));
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("no body data"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn limited_fails_past_the_limit() {
+        let mut body = Limited::new(full(vec![0u8; 10]), 9);
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(too_large_limit(err.as_ref()), Some(9));
+        let mut ok = Limited::new(full(vec![0u8; 10]), 10);
+        assert_eq!(
+            ok.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            10
+        );
+    }
+
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+}
+
+/// Keeps what a request body has sent so far (up to a limit) so that a
+/// failed try can be replayed on another backend, while the body streams
+/// to the current try as it arrives (no waiting for the whole body, which
+/// would deadlock bidirectional streams such as gRPC).
+///
+/// Each try gets a [`ReplayReader`]; it first replays the recorded frames,
+/// then pulls new ones from the source, recording them. Starting a new
+/// reader retires the previous one (it fails with "superseded"), so only
+/// one task pulls from the source at a time.
+pub struct Replayable {
+    shared: std::sync::Arc<std::sync::Mutex<ReplayState>>,
+}
+
+struct ReplayState {
+    source: ProxyBody,
+    recorded: Vec<Frame<Bytes>>,
+    recorded_bytes: u64,
+    limit: u64,
+    /// Recording stopped: frames were sent that are no longer kept.
+    overflowed: bool,
+    /// The source ended (`None` seen).
+    ended: bool,
+    generation: u64,
+}
+
+/// How much of the body a replay could reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayStatus {
+    /// Nothing was sent yet, or everything sent is recorded.
+    Replayable,
+    /// More was sent than the limit allowed keeping.
+    Overflowed,
+}
+
+impl Replayable {
+    /// Wraps `source`, keeping at most `limit` bytes of data for replays.
+    pub fn new(source: ProxyBody, limit: u64) -> Self {
+        Self {
+            shared: std::sync::Arc::new(std::sync::Mutex::new(ReplayState {
+                source,
+                recorded: Vec::new(),
+                recorded_bytes: 0,
+                limit,
+                overflowed: false,
+                ended: false,
+                generation: 0,
+            })),
+        }
+    }
+
+    /// A body for the next try, replaying from the start.
+    pub fn reader(&self) -> ProxyBody {
+        let generation = match self.shared.lock() {
+            Ok(mut s) => {
+                s.generation += 1;
+                s.generation
+            }
+            Err(_) => u64::MAX,
+        };
+        let reader = ReplayReader {
+            shared: self.shared.clone(),
+            generation,
+            pos: 0,
+        };
+        UnsyncBoxBody::new(reader)
+    }
+
+    /// Whether a new try could get the whole body.
+    pub fn status(&self) -> ReplayStatus {
+        match self.shared.lock() {
+            Ok(s) if !s.overflowed => ReplayStatus::Replayable,
+            _ => ReplayStatus::Overflowed,
+        }
+    }
+}
+
+struct ReplayReader {
+    shared: std::sync::Arc<std::sync::Mutex<ReplayState>>,
+    generation: u64,
+    pos: usize,
+}
+
+fn clone_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(d) = f.data_ref() {
+        Frame::data(d.clone())
+    } else if let Some(t) = f.trailers_ref() {
+        Frame::trailers(t.clone())
+    } else {
+        Frame::data(Bytes::new())
+    }
+}
+
+impl Body for ReplayReader {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Ok(mut s) = this.shared.lock() else {
+            return Poll::Ready(Some(Err("request body state poisoned".into())));
+        };
+        if s.generation != this.generation {
+            return Poll::Ready(Some(Err("request body superseded by a retry".into())));
+        }
+        if this.pos < s.recorded.len() {
+            let f = clone_frame(&s.recorded[this.pos]);
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(f)));
+        }
+        // Only the reader that overflowed the recording (pos == MAX) may go
+        // on; any later one would miss the unrecorded frames.
+        if s.overflowed && this.pos != usize::MAX {
+            return Poll::Ready(Some(Err("request body cannot be replayed".into())));
+        }
+        if s.ended {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(Pin::new(&mut s.source).poll_frame(cx));
+        match frame {
+            None => {
+                s.ended = true;
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            Some(Ok(f)) => {
+                let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                if !s.overflowed && s.recorded_bytes + len <= s.limit {
+                    s.recorded_bytes += len;
+                    s.recorded.push(clone_frame(&f));
+                    this.pos = s.recorded.len();
+                } else if !s.overflowed {
+                    // From here on frames stream through unrecorded.
+                    s.overflowed = true;
+                    s.recorded.clear();
+                    this.pos = usize::MAX;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+        }
+    }
+}
+
+/// Drops `guard` when the body ends (or is dropped): ties per-request
+/// accounting (in-flight counts) to the end of a streamed response.
+pub struct Guarded<B> {
+    inner: B,
+    guard: Option<Box<dyn Send>>,
+}
+
+impl<B> Guarded<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, guard: Box<dyn Send>) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B> Body for Guarded<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_none() || this.inner.is_end_stream() {
+            this.guard = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    fn chunks(n: usize, size: usize) -> ProxyBody {
+        let frames =
+            (0..n).map(move |i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![i as u8; size]))));
+        boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_second_try_replays_what_the_first_consumed() {
+        let r = Replayable::new(chunks(4, 10), 100);
+        let mut first = r.reader();
+        let a = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(a, vec![0u8; 10]);
+        // First try fails; the second reads everything from the start.
+        let second = r.reader();
+        let err = first.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("superseded"));
+        let all = second.collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 40);
+        assert_eq!(&all[..10], &[0u8; 10]);
+        assert_eq!(&all[30..], &[3u8; 10]);
+        assert_eq!(r.status(), ReplayStatus::Replayable);
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_it_streams_and_cannot_replay() {
+        let r = Replayable::new(chunks(4, 10), 25);
+        let all = r.reader().collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 40, "the first try still gets every byte");
+        assert_eq!(r.status(), ReplayStatus::Overflowed);
+        let mut again = r.reader();
+        assert!(again.frame().await.unwrap().is_err());
+    }
+}

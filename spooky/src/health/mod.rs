@@ -1,0 +1,29 @@
+//! Backend health and resilience, sans-IO (time is passed in as `Instant`,
+//! randomness as an `Rng`): active-check state machines, passive outlier
+//! detection, circuit breakers, the panic / all-down policy and the retry
+//! policy with its budget. The proxy's probe task and request path drive
+//! these; nothing here does I/O.
+//!
+//! How the pieces combine into `BackendView::eligible` for the balancer:
+//! `eligible = health.is_routable() && !outliers.is_ejected(i, now) &&
+//! breaker.allows(now)`, then [`panic::routable_set`] over those flags
+//! decides between Normal, Panic (all backends) and a 503.
+
+pub mod active;
+pub mod breaker;
+pub mod clock;
+pub mod outlier;
+pub mod panic;
+pub mod probe;
+pub mod retry;
+
+pub use active::{ActiveHealthConfig, HealthMachine, HealthState, StatusRange, Transition};
+pub use breaker::{
+    BreakerPermit, BreakerState, CircuitBreaker, CircuitBreakerConfig, RejectReason, Rejected,
+};
+pub use outlier::{EjectReason, Ejection, Outcome, OutlierConfig, OutlierPool, OutlierState};
+pub use panic::{AllDownConfig, PanicConfig, Selection, routable_set};
+pub use retry::{
+    BUDGET_WINDOW, BackoffConfig, BodyState, FailureKind, RetryBudget, RetryConfig, RetryOn,
+    is_idempotent, retry_allowed,
+};

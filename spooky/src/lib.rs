@@ -1,0 +1,25 @@
+//! spooky: an HTTP/3 load balancer whose XDP data plane steers QUIC packets
+//! to the worker that owns their connection ID.
+//!
+//! Request path, one module each: [`listener`] (HTTP/3 termination) →
+//! [`proxy`] (phases: request id, [`routing`], limits, headers) →
+//! [`upstream`] ([`balancer`], [`health`], retries, pooled connections) →
+//! back. Around it: [`config`], [`tls`], [`cid`] (routable connection IDs),
+//! [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
+//! (lifecycle).
+
+pub mod balancer;
+pub mod body;
+pub mod cid;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod listener;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod steering;
+pub mod tls;
+pub mod upstream;
+pub mod worker;

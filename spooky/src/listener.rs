@@ -1,0 +1,199 @@
+//! The HTTP/3 listener of one worker: accepts QUIC connections on the
+//! worker's endpoint, runs HTTP/3 on them, and turns each request stream
+//! into an `http::Request<ProxyBody>` for the proxy and the proxy's
+//! response back into HEADERS, DATA and trailers. A malformed request or a
+//! client reset ends only its own stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, SendBodyError};
+use crate::proxy::{Downstream, Proxy};
+
+type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+
+/// Counts open downstream connections and requests of one worker, so that
+/// a drain knows when it is done.
+#[derive(Debug, Default)]
+pub struct Activity {
+    pub connections: AtomicUsize,
+    pub requests: AtomicUsize,
+}
+
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Self(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one incoming QUIC connection until it closes or the worker
+/// drains (then GOAWAY, finish in-flight requests, close).
+pub async fn serve_connection(
+    incoming: quinn::Incoming,
+    proxy: Arc<Proxy>,
+    activity: Arc<Activity>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let _conn_guard = Counted::new(&activity.connections);
+    let peer = incoming.remote_address();
+    let quic = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let max_header = proxy.config.limits.max_request_header_bytes;
+    let mut h3: ServerConn = match h3::server::builder()
+        .max_field_section_size(max_header)
+        // Grease frames after a response's DATA hide the end of the stream
+        // from some clients (aioquic 1.2 never reports the response
+        // complete); greasing buys nothing on a proxy's server side.
+        .send_grease(false)
+        .build(h3_quinn::Connection::new(quic.clone()))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%peer, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    debug!(%peer, "connection open");
+    let mut goaway_sent = *draining.borrow();
+    if goaway_sent {
+        let _ = h3.shutdown(0).await;
+    }
+    loop {
+        tokio::select! {
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    // quinn tracks the client's current address: it changes
+                    // when the client migrates.
+                    let peer_now = quic.remote_address();
+                    let proxy = proxy.clone();
+                    let activity = activity.clone();
+                    tokio::spawn(async move {
+                        let _req_guard = Counted::new(&activity.requests);
+                        let down = Downstream {
+                            peer: peer_now,
+                            via_version: "3",
+                            scheme: "https",
+                        };
+                        serve_request(resolver, proxy, down).await;
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !e.is_h3_no_error() {
+                        debug!(%peer, error = %e, "connection ended");
+                    }
+                    break;
+                }
+            },
+            changed = draining.changed(), if !goaway_sent => {
+                if changed.is_err() || *draining.borrow() {
+                    goaway_sent = true;
+                    // GOAWAY: no new requests; in-flight ones finish.
+                    if let Err(e) = h3.shutdown(0).await {
+                        debug!(%peer, error = %e, "GOAWAY failed");
+                    }
+                }
+            }
+        }
+    }
+    debug!(%peer, "connection closed");
+}
+
+async fn serve_request(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    proxy: Arc<Proxy>,
+    down: Downstream,
+) {
+    let (req, stream) = match resolver.resolve_request().await {
+        Ok(r) => r,
+        Err(e) => {
+            // Malformed headers, too large a header section, or a reset
+            // before the headers: only this stream is affected.
+            debug!(peer = %down.peer, error = %e, "bad request stream");
+            return;
+        }
+    };
+    let (send, recv) = stream.split();
+    let content_length = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let idle = proxy.config.timeouts.idle;
+    let body = body::boxed(IdleTimeout::new(
+        body::boxed(H3Body::new(recv, content_length, None)),
+        idle,
+    ));
+    let req = req.map(|()| body);
+    let resp = proxy.handle(req, down).await;
+    send_response(send, resp, down).await;
+}
+
+async fn send_response(
+    send: h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
+    resp: Response<body::ProxyBody>,
+    down: Downstream,
+) {
+    let (parts, body) = resp.into_parts();
+    let mut half = H3SendHalf::Server(send);
+    if let H3SendHalf::Server(s) = &mut half
+        && let Err(e) = s.send_response(Response::from_parts(parts, ())).await
+    {
+        debug!(peer = %down.peer, error = %e, "client went away before the response");
+        return;
+    }
+    match body::send_h3(body, &mut half).await {
+        Ok(_) => {}
+        Err(SendBodyError::Source(e)) => {
+            // The backend's body failed mid-way: the reset tells the client
+            // the response is incomplete.
+            warn!(peer = %down.peer, error = %e, "response body failed; stream reset");
+        }
+        Err(SendBodyError::Peer(e)) => {
+            debug!(peer = %down.peer, error = %e, "client stopped reading the response");
+        }
+    }
+}
+
+/// The downstream QUIC transport: stream limits and flow-control windows
+/// sized so that one connection cannot make spooky buffer without bound.
+pub fn server_transport(max_streams: u32, idle: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_streams.into());
+    // Clients open the control and QPACK streams; servers never need push.
+    t.max_concurrent_uni_streams(8u32.into());
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    // A 1 MiB window per stream keeps a 100 Mbit/s flow at 100 ms RTT
+    // unthrottled; 16 MiB per connection caps what one client can park in
+    // our receive buffers.
+    t.stream_receive_window((1u32 << 20).into());
+    t.receive_window((16u32 << 20).into());
+    t.send_window(16 << 20);
+    t
+}
+
+/// Log line for a new worker endpoint.
+pub fn log_listening(worker: usize, addr: std::net::SocketAddr) {
+    info!(worker, %addr, "worker listening");
+}

@@ -1,0 +1,384 @@
+//! The request path, protocol-independent: request id → route → limits →
+//! upstream request headers → forward (balancing, retries: `upstream`) →
+//! response headers, and the error responses (404/413/502/503/504) spooky
+//! generates itself. Listeners turn their protocol into an
+//! `http::Request<ProxyBody>` and send back whatever this returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use tracing::{info, warn};
+
+use crate::body::{self, IdleTimeout, Limited, ProxyBody};
+use crate::config::Config;
+use crate::routing;
+use crate::upstream::{ForwardError, WorkerUpstreams};
+
+/// What the proxy knows about the client side of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `via` protocol version token of the client's protocol (`3`, `2`,
+    /// `1.1`).
+    pub via_version: &'static str,
+    /// Scheme the client used (`https`, or `http` for a plain listener).
+    pub scheme: &'static str,
+}
+
+/// Per-worker request-path state: the config snapshot and this worker's
+/// upstream pools and balancers.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub upstreams: WorkerUpstreams,
+}
+
+/// Headers that describe one hop's connection and never cross a proxy
+/// (RFC 9110 §7.6.1, plus the de-facto ones).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes connection-specific headers, including every header the
+/// `connection` header names. `te: trailers` survives on requests: it is
+/// the one value HTTP/2 and HTTP/3 allow, and gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = keep_te_trailers
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A fresh request id: 128 random bits, hex.
+fn new_request_id() -> HeaderValue {
+    let v: u128 = rand::random();
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("{v:032x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Keeps a client-supplied request id when it is short and printable, so
+/// that ids propagate through chains of proxies; otherwise makes one.
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+    match headers.get(name) {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 128
+                && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) =>
+        {
+            v.clone()
+        }
+        _ => new_request_id(),
+    }
+}
+
+/// The response spooky sends when it cannot get one from a backend.
+pub fn error_response(
+    status: StatusCode,
+    detail: &str,
+    request_id: &HeaderValue,
+    id_header: &HeaderName,
+) -> Response<ProxyBody> {
+    let id = request_id.to_str().unwrap_or("-");
+    let reason = status.canonical_reason().unwrap_or("");
+    let text = format!("{} {reason}: {detail}\nrequest-id: {id}\n", status.as_u16());
+    let mut resp = Response::new(body::full(text.clone()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    h.insert(id_header.clone(), request_id.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn append_via(headers: &mut HeaderMap, version: &str) {
+    let hop = format!("{version} spooky");
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {hop}"),
+        None => hop,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical().to_string();
+    let value = match headers
+        .get(HeaderName::from_static("x-forwarded-for"))
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+}
+
+impl Proxy {
+    /// Serves one request end to end. Never fails: every error becomes a
+    /// response (the body may still fail later, which resets the stream).
+    pub async fn handle(&self, req: Request<ProxyBody>, down: Downstream) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let id_header = &cfg.request_id_header;
+        let (mut parts, body) = req.into_parts();
+        let rid = request_id(&parts.headers, id_header);
+
+        // Route.
+        let host = routing::request_host(&parts.uri, &parts.headers);
+        let path = parts.uri.path().to_owned();
+        let Some(route) = routing::find(&cfg.routes, host.as_deref(), &path, &parts.headers) else {
+            return self.finish(
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    "no route matches this request",
+                    &rid,
+                    id_header,
+                ),
+                &parts,
+                &down,
+                &rid,
+                None,
+                None,
+                started,
+            );
+        };
+        let upstream = &cfg.upstreams[route.upstream];
+
+        // Limits.
+        let mut body = body;
+        if let Some(limit) = cfg.limits.max_body_bytes {
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return self.finish(
+                    error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("request body exceeds {limit} bytes"),
+                        &rid,
+                        id_header,
+                    ),
+                    &parts,
+                    &down,
+                    &rid,
+                    Some(&upstream.name),
+                    None,
+                    started,
+                );
+            }
+            body = body::boxed(Limited::new(body, limit));
+        }
+
+        // Upstream request headers.
+        let client_headers = parts.headers.clone();
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h, true);
+        append_forwarded_for(h, down.peer);
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static(down.scheme),
+        );
+        append_via(h, down.via_version);
+        h.insert(id_header.clone(), rid.clone());
+        // HTTP/3 and HTTP/2 carry the host in `:authority`; make sure the
+        // URI has one, from `host` when the client sent HTTP/1.1.
+        if parts.uri.authority().is_none()
+            && let Some(host) = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+        {
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            if let Ok(uri) = http::Uri::builder()
+                .scheme("https")
+                .authority(host)
+                .path_and_query(pq)
+                .build()
+            {
+                parts.uri = uri;
+            }
+        }
+
+        let info = crate::balancer::RequestInfo {
+            client_ip: down.peer.ip().to_canonical(),
+            path: &path,
+            headers: &client_headers,
+        };
+        let req = Request::from_parts(parts.clone(), body);
+        let result = self.upstreams.forward(route.upstream, req, &info).await;
+        match result {
+            Ok(fwd) => {
+                let (mut rparts, rbody) = fwd.response.into_parts();
+                strip_hop_by_hop(&mut rparts.headers, false);
+                append_via(&mut rparts.headers, "3");
+                rparts
+                    .headers
+                    .entry(id_header.clone())
+                    .or_insert_with(|| rid.clone());
+                for (name, value) in fwd.extra_headers {
+                    rparts.headers.append(name, value);
+                }
+                let rbody = body::boxed(IdleTimeout::new(rbody, upstream.timeouts.idle));
+                self.finish(
+                    Response::from_parts(rparts, rbody),
+                    &parts,
+                    &down,
+                    &rid,
+                    Some(&upstream.name),
+                    Some(&fwd.backend),
+                    started,
+                )
+            }
+            Err(ForwardError {
+                status,
+                detail,
+                retry_after,
+                backend,
+            }) => {
+                let mut resp = error_response(status, &detail, &rid, id_header);
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                self.finish(
+                    resp,
+                    &parts,
+                    &down,
+                    &rid,
+                    Some(&upstream.name),
+                    backend.as_deref(),
+                    started,
+                )
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        resp: Response<ProxyBody>,
+        req: &http::request::Parts,
+        down: &Downstream,
+        rid: &HeaderValue,
+        upstream: Option<&str>,
+        backend: Option<&str>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
+        let fields = (
+            req.method.as_str(),
+            req.uri.authority().map_or("-", |a| a.as_str()),
+            req.uri.path(),
+            rid.to_str().unwrap_or("-"),
+        );
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if status >= 500 {
+            warn!(target: "spooky::access", client = %down.peer, method = fields.0, authority = fields.1, path = fields.2, status, upstream = upstream.unwrap_or("-"), backend = backend.unwrap_or("-"), ms = format_args!("{ms:.1}"), request_id = fields.3, "request");
+        } else {
+            info!(target: "spooky::access", client = %down.peer, method = fields.0, authority = fields.1, path = fields.2, status, upstream = upstream.unwrap_or("-"), backend = backend.unwrap_or("-"), ms = format_args!("{ms:.1}"), request_id = fields.3, "request");
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        let mut req = h.clone();
+        strip_hop_by_hop(&mut req, true);
+        assert_eq!(req.len(), 2, "{req:?}");
+        assert_eq!(req["te"], "trailers");
+        assert_eq!(req["x-keep"], "yes");
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn forwarding_headers_append() {
+        let mut h = HeaderMap::new();
+        let peer: SocketAddr = "[::ffff:198.18.0.2]:5000".parse().unwrap();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "198.18.0.2");
+        append_forwarded_for(&mut h, "198.18.0.3:1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "198.18.0.2, 198.18.0.3");
+        append_via(&mut h, "3");
+        append_via(&mut h, "1.1");
+        assert_eq!(h["via"], "3 spooky, 1.1 spooky");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let name = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        let made = request_id(&h, &name);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, request_id(&h, &name));
+        h.insert(name.clone(), HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h, &name), "abc-123");
+        h.insert(name.clone(), HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&h, &name).len(), 32);
+    }
+
+    #[test]
+    fn error_responses_carry_status_and_request_id() {
+        let rid = HeaderValue::from_static("r1");
+        let name = HeaderName::from_static("x-request-id");
+        let r = error_response(StatusCode::BAD_GATEWAY, "backend down", &rid, &name);
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()["x-request-id"], "r1");
+        assert_eq!(r.headers()["content-length"], "45");
+    }
+}

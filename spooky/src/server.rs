@@ -1,0 +1,275 @@
+//! Process lifecycle: from a validated config to running workers and back.
+//! Sets up TLS and keys, chooses and installs steering, starts the workers
+//! and the control tasks (health checks, admin), waits for a signal, drains
+//! and tears everything down (the XDP program is detached on the way out).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rand::RngCore;
+use spooky_common::maps::WorkerState;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::steering::{self, Effective, xdp::XdpSteering};
+use crate::tls;
+use crate::upstream::SharedUpstreams;
+use crate::worker::{self, WorkerEvent, WorkerShared};
+
+/// Why spooky could not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Steering(#[from] steering::SteeringError),
+    #[error("upstream set-up: {0}")]
+    Upstream(String),
+    #[error("cannot start worker {id}: {reason}")]
+    Worker { id: u8, reason: String },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Reads (or creates) a 32-byte secret in the state directory.
+fn state_secret(dir: &Path, name: &str) -> Result<[u8; 32], ServerError> {
+    let path = dir.join(name);
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        return Ok(key);
+    }
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    tls::write_private(&path, &key)?;
+    Ok(key)
+}
+
+/// Runs spooky until SIGINT or SIGTERM, then drains.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServerError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+
+    // TLS.
+    let (cert, key) = match &config.listen.tls {
+        Some(t) => (t.cert.clone(), t.key.clone()),
+        None => {
+            let (c, k, fresh) = tls::ensure_self_signed(&config.state_dir)?;
+            warn!(
+                cert = %c.display(),
+                fresh,
+                "NO `listen.tls` CONFIGURED: serving a SELF-SIGNED certificate for localhost. Clients must trust {} explicitly; configure listen.tls for production.",
+                c.display()
+            );
+            (c, k)
+        }
+    };
+    let server_crypto = Arc::new(tls::quic_server_config(&cert, &key)?);
+    let reset_secret = state_secret(&config.state_dir, "stateless-reset.key")?;
+    let reset_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret));
+    let mut token_secret = [0u8; 64];
+    rand::rng().fill_bytes(&mut token_secret);
+    let token_key =
+        Arc::new(ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_secret));
+
+    // Workers and their CPUs.
+    let allowed = steering::allowed_cpus();
+    let n = config.listen.workers;
+    let (mut mode, why) = steering::choose(&config.steering, steering::xdp_privileged());
+    let cpus_for = |mode: Effective| -> Vec<Option<usize>> {
+        (0..n)
+            .map(|i| {
+                (config.steering.pin_workers || mode == Effective::Xdp)
+                    .then(|| allowed[i % allowed.len()])
+            })
+            .collect()
+    };
+    if mode == Effective::Xdp && n > allowed.len() {
+        warn!(
+            workers = n,
+            cpus = allowed.len(),
+            "more workers than CPUs: XDP steering needs one CPU per worker; using reuseport"
+        );
+        mode = Effective::Reuseport;
+    }
+
+    let cpus = cpus_for(mode);
+    let sockets =
+        steering::bind_worker_sockets(config.listen.addr, &cpus, mode, &config.steering.layout)?;
+    let port = sockets
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .map_or(config.listen.addr.port(), |a| a.port());
+    // XDP after binding (the program must know the real port); when it
+    // cannot be installed in auto mode, the bound group falls back to the
+    // CBPF program.
+    let mut xdp: Option<XdpSteering> = None;
+    if mode == Effective::Xdp {
+        match install_xdp(&config, port) {
+            Ok(x) => xdp = Some(x),
+            Err(e) if config.steering.mode == crate::config::SteeringMode::Auto => {
+                warn!(error = %e, "XDP steering unavailable; falling back to reuseport");
+                mode = Effective::Reuseport;
+                if let Some(first) = sockets.first() {
+                    steering::reuseport::attach_reuseport_cbpf(
+                        first,
+                        &config.steering.layout,
+                        sockets.len() as u32,
+                    )
+                    .map_err(steering::SteeringError::from)?;
+                }
+            }
+            Err(e) => return Err(steering::SteeringError::from(e).into()),
+        }
+    }
+    info!(mode = mode.name(), reason = %why, workers = n, "packet steering");
+    let local = sockets
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .unwrap_or(config.listen.addr);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let _enter = rt.enter();
+
+    let upstreams =
+        Arc::new(SharedUpstreams::new(&config).map_err(|e| ServerError::Upstream(e.to_string()))?);
+    let shared = Arc::new(WorkerShared {
+        config: config.clone(),
+        server_crypto,
+        reset_key,
+        token_key,
+        upstreams: upstreams.clone(),
+    });
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let mut handles = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let id = i as u8;
+        let h = worker::spawn(
+            id,
+            cpus[i],
+            socket,
+            shared.clone(),
+            drain_rx.clone(),
+            ev_tx.clone(),
+        )
+        .map_err(|e| ServerError::Worker {
+            id,
+            reason: e.to_string(),
+        })?;
+        handles.push(h);
+    }
+    drop(ev_tx);
+    let mut ready = 0;
+    while ready < handles.len() {
+        match ev_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(WorkerEvent::Ready { id }) => {
+                ready += 1;
+                if let Some(x) = xdp.as_mut()
+                    && let Some(cpu) = cpus[id as usize]
+                {
+                    x.set_worker(id, cpu as u32, WorkerState::Live)
+                        .map_err(steering::SteeringError::from)?;
+                }
+            }
+            Ok(WorkerEvent::Failed { id, error }) => {
+                let _ = drain_tx.send(true);
+                return Err(ServerError::Worker { id, reason: error });
+            }
+            Ok(WorkerEvent::Stopped { id }) => {
+                let _ = drain_tx.send(true);
+                return Err(ServerError::Worker {
+                    id,
+                    reason: "stopped during start-up".into(),
+                });
+            }
+            Err(_) => {
+                let _ = drain_tx.send(true);
+                return Err(ServerError::Worker {
+                    id: ready as u8,
+                    reason: "did not start within 30 s".into(),
+                });
+            }
+        }
+    }
+    if let Some(x) = xdp.as_mut() {
+        x.enable().map_err(steering::SteeringError::from)?;
+    }
+
+    // Control tasks on this thread: health checks and signals.
+    let health = upstreams.start_health_checks();
+    info!(%local, workers = n, mode = mode.name(), "spooky ready");
+
+    let signal = rt.block_on(wait_for_signal());
+    info!(signal, "draining");
+    if let Some(x) = xdp.as_mut() {
+        for h in &handles {
+            if let Some(cpu) = h.cpu {
+                let _ = x.set_worker(h.id, cpu as u32, WorkerState::Draining);
+            }
+        }
+    }
+    let _ = drain_tx.send(true);
+    // A second signal skips the drain.
+    let joined = rt.block_on(async {
+        let join = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.thread.join();
+            }
+        });
+        tokio::select! {
+            _ = join => true,
+            s = wait_for_signal() => { warn!(signal = s, "second signal: exiting without drain"); false }
+        }
+    });
+    for h in health {
+        h.abort();
+    }
+    drop(xdp);
+    if joined {
+        info!("stopped");
+    } else {
+        error!("stopped without a complete drain");
+    }
+    Ok(())
+}
+
+fn install_xdp(config: &Config, port: u16) -> Result<XdpSteering, steering::xdp::XdpError> {
+    let mut x = XdpSteering::load(&config.steering.layout, &[port])?;
+    for iface in &config.steering.interfaces {
+        let how = x.attach(iface)?;
+        info!(interface = %iface, mode = ?how, "XDP program attached");
+    }
+    Ok(x)
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only wait forever.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,535 @@
+//! End to end through real processes and sockets: HTTP/3 clients → spooky
+//! → HTTP/3 demo backends, all on loopback.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::BodyExt;
+use spooky::body;
+use support::*;
+
+fn config(upstreams: &str, extra: &str) -> String {
+    format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{upstreams}{extra}"
+    )
+}
+
+#[tokio::test]
+async fn balances_round_robin_across_three_backends() {
+    let certs = certs();
+    let (_b1, a1) = backend("b1", &certs, &[]);
+    let (_b2, a2) = backend("b2", &certs, &[]);
+    let (_b3, a3) = backend("b3", &certs, &[]);
+    let up = upstream_yaml(
+        "demo",
+        &certs,
+        &[("b1", a1), ("b2", a2), ("b3", a3)],
+        "balancing: { type: round_robin }",
+    );
+    // One worker: round robin is per worker, and this test checks exact
+    // shares.
+    let sp = spooky(&config(&up, "").replace("workers: 2", "workers: 1"));
+    let client = sp.client().await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let (resp, body) = client.get("/").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-backend-id"].to_str().unwrap().to_owned();
+        assert_eq!(body, format!("hello from {id}\n"));
+        *seen.entry(id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 10), "{seen:?}");
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_streams_on_one_connection() {
+    let certs = certs();
+    let (_b, a) = backend("only", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("only", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let client = std::sync::Arc::new(sp.client().await);
+    // The backend answers /barrier/16 only when 16 requests wait there at
+    // once: all 16 must be in flight through spooky together.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(
+            async move { c.get("/barrier/16").await.unwrap() },
+        ));
+    }
+    for t in tasks {
+        let (resp, body) = t.await.unwrap();
+        assert_eq!(resp.status(), 200, "{body:?}");
+        assert_eq!(body, "barrier 16 passed\n");
+    }
+    assert_eq!(client.connection().stats().path.lost_packets, 0);
+}
+
+#[tokio::test]
+async fn sixty_four_mib_each_way_with_bounded_memory() {
+    const SIZE: u64 = 64 << 20;
+    let certs = certs();
+    let (_b, a) = backend("big", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("big", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let client = sp.client().await;
+    // Warm up so the baseline includes connections and buffers.
+    client.get("/bytes/1048576").await.unwrap();
+    let baseline = sp.proc.peak_rss_kib();
+
+    let t0 = std::time::Instant::now();
+    // Download, checked byte for byte as it streams.
+    let resp = client
+        .send(
+            Request::get(format!("/bytes/{SIZE}"))
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        assert_pattern_at(n, &data);
+        n += data.len() as u64;
+    }
+    assert_eq!(n, SIZE);
+    eprintln!("download done after {:?}", t0.elapsed());
+
+    // Upload, streamed from a generator (never held in memory here either).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, body::BoxError>>(4);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![7u8; 256 * 1024]);
+        for _ in 0..(SIZE / chunk.len() as u64) {
+            if tx
+                .send(Ok(http_body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let stream = http_body_util::StreamBody::new(tokio_stream(rx));
+    let req = Request::post("/sink").body(body::boxed(stream)).unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    let mut h = spooky::demo::FNV64_INIT;
+    let chunk = vec![7u8; 256 * 1024];
+    for _ in 0..(SIZE / chunk.len() as u64) {
+        h = spooky::demo::fnv64(h, &chunk);
+    }
+    assert_eq!(text, format!("received {SIZE} bytes fnv64 {h:016x}\n"));
+    eprintln!("upload done after {:?}", t0.elapsed());
+
+    let peak = sp.proc.peak_rss_kib();
+    eprintln!(
+        "spooky peak RSS: {baseline} KiB before, {peak} KiB after 64 MiB each way (+{} KiB)",
+        peak.saturating_sub(baseline)
+    );
+    // 128 MiB crossed the proxy; its memory may grow by buffers and
+    // windows, never by the body size.
+    assert!(
+        peak.saturating_sub(baseline) < 24 * 1024,
+        "peak RSS grew by {} KiB",
+        peak - baseline
+    );
+}
+
+fn tokio_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + Unpin {
+    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+#[tokio::test]
+async fn trailers_cross_the_proxy_both_ways() {
+    let certs = certs();
+    let (_b, a) = backend("t", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("t", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let client = sp.client().await;
+
+    let resp = client
+        .send(Request::get("/trailers").body(body::empty()).unwrap())
+        .await
+        .unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("response trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    let sum = spooky::demo::fnv64(spooky::demo::FNV64_INIT, b"trailers follow\n");
+    assert_eq!(trailers["x-checksum"], format!("{sum:016x}").as_str());
+    assert_eq!(collected.to_bytes(), "trailers follow\n");
+
+    // Request trailers reach the backend, which echoes them back.
+    let mut t = HeaderMap::new();
+    t.insert("x-request-sum", HeaderValue::from_static("abc"));
+    let frames = vec![
+        Ok::<_, body::BoxError>(http_body::Frame::data(Bytes::from_static(b"ping"))),
+        Ok(http_body::Frame::trailers(t)),
+    ];
+    let req_body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let resp = client
+        .send(Request::post("/echo").body(body::boxed(req_body)).unwrap())
+        .await
+        .unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-request-sum"], "abc");
+    assert_eq!(collected.to_bytes(), "ping");
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_request_id() {
+    let certs = certs();
+    let (_b, a) = backend("h", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("h", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let client = sp.client().await;
+
+    let req = Request::get("/headers")
+        .header("x-request-id", "trace-42")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("te", "trailers")
+        .body(body::empty())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "trace-42");
+    assert_eq!(resp.headers()["via"], "3 spooky");
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.starts_with(&format!("GET https://localhost:{}/headers", sp.port)),
+        "{text}"
+    );
+    assert!(text.contains("x-request-id: trace-42\n"), "{text}");
+    assert!(
+        text.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{text}"
+    );
+    assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
+    assert!(text.contains("via: 3 spooky\n"), "{text}");
+    assert!(text.contains("te: trailers\n"), "{text}");
+
+    // Without one, spooky makes an id, sends it to the backend and back.
+    let (resp, text) = client.get("/headers").await.unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    assert!(String::from_utf8_lossy(&text).contains(&format!("x-request-id: {id}\n")));
+    // ... and logs it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        sp.proc.out.contains(&id),
+        "request id not in the access log"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_backend_gives_502_with_request_id() {
+    let certs = certs();
+    // Nothing listens on this port.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let up = upstream_yaml("demo", &certs, &[("dead", dead)], "");
+    let sp = spooky(&config(&up, "timeouts: { connect_ms: 500 }\n"));
+    let client = sp.client().await;
+    let (resp, body) = client.get("/").await.unwrap();
+    assert!(
+        resp.status() == 502 || resp.status() == 504,
+        "{} {body:?}",
+        resp.status()
+    );
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains(&format!("request-id: {id}")), "{text}");
+    // The connection survives: a second request gets its own answer.
+    let (again, _) = client.get("/").await.unwrap();
+    assert!(again.status().is_server_error());
+}
+
+#[tokio::test]
+async fn slow_backend_gives_504() {
+    let certs = certs();
+    let (_b, a) = backend("slow", &certs, &[]);
+    let up = upstream_yaml(
+        "demo",
+        &certs,
+        &[("slow", a)],
+        "timeouts: { request_ms: 300 }",
+    );
+    let sp = spooky(&config(&up, ""));
+    let client = sp.client().await;
+    let (resp, body) = client.get("/delay/5000").await.unwrap();
+    assert_eq!(resp.status(), 504, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).starts_with("504 Gateway Timeout"));
+    let (ok, _) = client.get("/delay/10").await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_reset_ends_only_its_stream() {
+    let certs = certs();
+    let (_b, a) = backend("r", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("r", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let client = sp.client().await;
+    // Start a large download and abandon it after the first chunk.
+    let resp = client
+        .send(
+            Request::get("/bytes/104857600")
+                .body(body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut b = resp.into_body();
+    b.frame().await.unwrap().unwrap();
+    drop(b);
+    // Same connection, next request: fine.
+    for _ in 0..3 {
+        let (resp, body) = client.get("/").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(body, "hello from r\n");
+    }
+    assert!(client.connection().close_reason().is_none());
+}
+
+#[tokio::test]
+async fn body_limit_gives_413() {
+    let certs = certs();
+    let (_b, a) = backend("l", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("l", a)], "");
+    let sp = spooky(&config(&up, "limits: { max_body_bytes: 1000 }\n"));
+    let client = sp.client().await;
+    let req = Request::post("/sink")
+        .header("content-length", "5000")
+        .body(body::full(vec![0u8; 5000]))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    // Without a content-length the limit trips mid-stream.
+    let frames = (0..10)
+        .map(|_| Ok::<_, body::BoxError>(http_body::Frame::data(Bytes::from(vec![1u8; 500]))));
+    let req = Request::post("/sink")
+        .body(body::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::iter(frames),
+        )))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let small = Request::post("/sink")
+        .body(body::full(vec![0u8; 1000]))
+        .unwrap();
+    assert_eq!(client.send(small).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn routes_by_host_path_and_header() {
+    let certs = certs();
+    let (_a, aa) = backend("api", &certs, &[]);
+    let (_w, wa) = backend("web", &certs, &[]);
+    let (_c, ca) = backend("canary", &certs, &[]);
+    let ups = format!(
+        "{}{}{}",
+        upstream_yaml("api", &certs, &[("api", aa)], ""),
+        upstream_yaml("web", &certs, &[("web", wa)], ""),
+        upstream_yaml("canary", &certs, &[("canary", ca)], ""),
+    );
+    let routes = "routes:\n  - match: { path_prefix: /api/, headers: { x-canary: \"1\" } }\n    upstream: canary\n  - match: { path_prefix: /api/ }\n    upstream: api\n  - match: { host: \"*.example\" }\n    upstream: api\n  - upstream: web\n";
+    let sp = spooky(&config(&ups, routes));
+    let client = sp.client().await;
+    let who =
+        |resp: &http::Response<()>| resp.headers()["x-backend-id"].to_str().unwrap().to_owned();
+    assert_eq!(who(&client.get("/api/x").await.unwrap().0), "api");
+    assert_eq!(who(&client.get("/other").await.unwrap().0), "web");
+    let canary = Request::get("/api/x")
+        .header("x-canary", "1")
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(
+        client.send(canary).await.unwrap().headers()["x-backend-id"],
+        "canary"
+    );
+    let by_host = Request::get("https://www.example/")
+        .body(body::empty())
+        .unwrap();
+    assert_eq!(
+        client.send(by_host).await.unwrap().headers()["x-backend-id"],
+        "api"
+    );
+}
+
+#[tokio::test]
+async fn the_self_signed_certificate_survives_restarts() {
+    let certs = certs();
+    let (_b, a) = backend("s", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("s", a)], "");
+    let mut sp = spooky(&config(&up, ""));
+    let first = std::fs::read(sp.cert()).unwrap();
+    assert!(
+        sp.proc.out.contains("SELF-SIGNED"),
+        "the log must say so loudly"
+    );
+    assert!(
+        sp.proc.terminate(Duration::from_secs(15)),
+        "spooky did not stop on SIGTERM"
+    );
+    // Same state dir, new process.
+    let state = sp.dir.path().join("state");
+    let config_path = sp.dir.path().join("spooky.yaml");
+    let mut child = std::process::Command::new(spooky_bin())
+        .args(["run", "-c"])
+        .arg(&config_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = async {
+        for _ in 0..100 {
+            if let Ok(c) =
+                spooky::client::H3Client::connect(&sp.url("/"), &sp.client_options()).await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("restarted spooky did not come up");
+    }
+    .await;
+    // The client trusts the first run's certificate: the handshake above
+    // proves the restart kept it.
+    assert_eq!(client.get("/").await.unwrap().0.status(), 200);
+    assert_eq!(
+        std::fs::read(state.join("self-signed-cert.pem")).unwrap(),
+        first
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn check_reports_the_exact_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listen: { address: 0.0.0.0, port: 9889 }\nupstreams:\n  api:\n    backends:\n      - { id: a, address: \"10.0.0.1:443\" }\n      - { id: b, address: \"10.0.0.2\" }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(spooky_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!(
+            "{}: 1 error\n  upstreams.api.backends[1].address: `10.0.0.2` has no port; expected IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. `10.0.0.5:8443`\n",
+            path.display()
+        )
+    );
+    std::fs::write(
+        &path,
+        "listen: { address: 0.0.0.0, port: 9889, wokers: 2 }\nbackends: []\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(spooky_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("listen.wokers: unknown field `wokers`, expected one of `protocol`, `address`, `port`, `workers`, `tls`, `drain_timeout_ms`"),
+        "{stderr}"
+    );
+    let good = std::process::Command::new(spooky_bin())
+        .args(["check", "-c"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/spooky.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+}
+
+#[test]
+fn aioquic_client_through_spooky() {
+    let Some(python) = python() else { return };
+    let certs = certs();
+    let (_b1, a1) = backend("aq1", &certs, &[]);
+    let (_b2, a2) = backend("aq2", &certs, &[]);
+    let up = upstream_yaml(
+        "demo",
+        &certs,
+        &[("aq1", a1), ("aq2", a2)],
+        "balancing: { type: round_robin }",
+    );
+    let sp = spooky(&config(&up, "").replace("workers: 2", "workers: 1"));
+    let out = std::process::Command::new(python)
+        .arg(script("h3_get.py"))
+        .args(["--ca", sp.cert().to_str().unwrap()])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sp.port.to_string(),
+            "--sni",
+            "localhost",
+        ])
+        .args(["--path", "/", "--count", "8", "--concurrent"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 8, "{stdout}");
+    assert!(lines.iter().all(|l| l.starts_with("200 ")), "{stdout}");
+    let aq1 = lines
+        .iter()
+        .filter(|l| l.contains("hello from aq1"))
+        .count();
+    let aq2 = lines
+        .iter()
+        .filter(|l| l.contains("hello from aq2"))
+        .count();
+    assert_eq!((aq1, aq2), (4, 4), "{stdout}");
+    // Trailers and a sized body through aioquic too.
+    let out = std::process::Command::new(support::python().unwrap())
+        .arg(script("h3_get.py"))
+        .args(["--ca", sp.cert().to_str().unwrap()])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sp.port.to_string(),
+            "--sni",
+            "localhost",
+        ])
+        .args(["--path", "/bytes/1000000", "--count", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("200 1000000 bytes"), "{stdout}");
+}

@@ -1,0 +1,323 @@
+//! Shared end-to-end test harness: real processes (spooky and demo
+//! backends from the built binary), real sockets on loopback, and helpers
+//! to read a process's memory.
+#![allow(dead_code)]
+
+pub mod privilege;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn spooky_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spooky")
+}
+
+/// A free UDP port on loopback (bound and released: the race with other
+/// processes is negligible on a test machine).
+pub fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+/// Lines a child process wrote, kept for assertions and failure reports.
+#[derive(Clone, Default)]
+pub struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(needle))
+    }
+    fn wait_for(&self, needle: &str, timeout: Duration, child: &mut Child, name: &str) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.contains(needle) {
+                return;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "{name} exited ({st}) before `{needle}`:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{name}: no `{needle}` within {timeout:?}:\n{}",
+            self.lines().join("\n")
+        );
+    }
+}
+
+fn capture(stream: impl std::io::Read + Send + 'static, out: Output, echo: bool) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("{line}");
+            }
+            out.0.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// A child process killed (SIGKILL) on drop unless stopped before.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub out: Output,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait for exit; returns whether it exited in time.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Current resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} output ----\n{}",
+                self.name,
+                self.out.lines().join("\n")
+            );
+        }
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// TLS material shared by the backends of one test: a self-signed
+/// certificate for localhost that spooky is told to trust.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn certs() -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = spooky::tls::ensure_self_signed(dir.path()).unwrap();
+    Certs { dir, cert, key }
+}
+
+/// Starts a demo backend on a free port.
+pub fn backend(id: &str, certs: &Certs, extra: &[&str]) -> (Proc, SocketAddr) {
+    backend_on(id, certs, free_udp_port(), extra)
+}
+
+pub fn backend_on(id: &str, certs: &Certs, port: u16, extra: &[&str]) -> (Proc, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(spooky_bin())
+        .args(["demo-backend", "--id", id, "--listen", &addr.to_string()])
+        .arg("--cert")
+        .arg(&certs.cert)
+        .arg("--key")
+        .arg(&certs.key)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Output::default();
+    capture(child.stdout.take().unwrap(), out.clone(), false);
+    capture(child.stderr.take().unwrap(), out.clone(), false);
+    let mut p = Proc {
+        name: format!("backend {id}"),
+        child,
+        out,
+    };
+    let out = p.out.clone();
+    out.wait_for("listening on", Duration::from_secs(20), &mut p.child, id);
+    (p, addr)
+}
+
+/// A running spooky with its config directory.
+pub struct Spooky {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Spooky {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    /// The self-signed certificate spooky serves.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("state/self-signed-cert.pem")
+    }
+
+    pub fn client_options(&self) -> spooky::client::ClientOptions {
+        spooky::client::ClientOptions {
+            ca: Some(self.cert()),
+            connect_to: Some(self.addr()),
+            ..Default::default()
+        }
+    }
+
+    pub async fn client(&self) -> spooky::client::H3Client {
+        spooky::client::H3Client::connect(&self.url("/"), &self.client_options())
+            .await
+            .unwrap()
+    }
+}
+
+/// Writes `config` (with `PORT` replaced by a free port) and starts
+/// spooky; returns once every worker listens.
+pub fn spooky(config: &str) -> Spooky {
+    spooky_with(config, &[])
+}
+
+pub fn spooky_with(config: &str, env: &[(&str, &str)]) -> Spooky {
+    let port = free_udp_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config.replace("PORT", &port.to_string());
+    let path = dir.path().join("spooky.yaml");
+    std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
+    let mut cmd = Command::new(spooky_bin());
+    cmd.args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info,spooky::access=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out = Output::default();
+    capture(child.stdout.take().unwrap(), out.clone(), false);
+    capture(child.stderr.take().unwrap(), out.clone(), false);
+    let mut proc = Proc {
+        name: "spooky".into(),
+        child,
+        out,
+    };
+    let out = proc.out.clone();
+    out.wait_for(
+        "spooky ready",
+        Duration::from_secs(30),
+        &mut proc.child,
+        "spooky",
+    );
+    Spooky { proc, dir, port }
+}
+
+/// The upstream block for `backends` (id, addr) trusting `certs`.
+pub fn upstream_yaml(
+    name: &str,
+    certs: &Certs,
+    backends: &[(&str, SocketAddr)],
+    extra: &str,
+) -> String {
+    let mut s = format!(
+        "  {name}:\n    tls: {{ ca: {}, sni: localhost }}\n    backends:\n",
+        certs.cert.display()
+    );
+    for (id, addr) in backends {
+        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
+    }
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str(&format!("    {line}\n"));
+    }
+    s
+}
+
+/// Python with aioquic (set up by `cargo xtask test`), or `None` with the
+/// reason printed. CI sets SPOOKY_TEST_PYTHON, so there a missing
+/// interpreter fails the test.
+pub fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SPOOKY_TEST_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python");
+    if venv.exists() {
+        return Some(venv);
+    }
+    eprintln!("SKIP: no aioquic venv; run `cargo xtask test` (it creates target/venv)");
+    None
+}
+
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
+}
+
+/// Checks that `data` is the demo backend's `/bytes/N` pattern from byte
+/// `offset` on (slice compares: fast even in a debug build).
+pub fn assert_pattern_at(offset: u64, data: &[u8]) {
+    // The pattern repeats every 251 bytes; a table of whole periods lets
+    // each check be one memcmp.
+    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..251u64 * 300).map(spooky::demo::pattern_byte).collect());
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let start = ((offset + pos as u64) % 251) as usize;
+        let n = (data.len() - pos).min(table.len() - start);
+        if data[pos..pos + n] != table[start..start + n] {
+            let bad = (0..n)
+                .find(|&i| data[pos + i] != table[start + i])
+                .unwrap_or(0);
+            panic!(
+                "body differs from the pattern at byte {}",
+                offset + (pos + bad) as u64
+            );
+        }
+        pos += n;
+    }
+}
