@@ -102,7 +102,7 @@ impl H3Client {
         } else {
             Verification::SystemRoots
         };
-        let crypto = tls::quic_client_config(&verification, &[tls::ALPN_H3])?;
+        let crypto = tls::quic_client_config(&verification, &[tls::ALPN_H3], None)?;
         let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(5)));

@@ -59,6 +59,15 @@ enum Command {
         /// Delay every response by this many milliseconds.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Protocol to serve (HTTP/1.1 and HTTP/2 listen on TCP).
+        #[arg(long, value_enum, default_value = "http3")]
+        protocol: demo::DemoProtocol,
+        /// HTTP/1.1, HTTP/2: serve TLS (default: cleartext, h2c for HTTP/2).
+        #[arg(long)]
+        tls: bool,
+        /// Require client certificates issued by this CA (mTLS).
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
     },
 }
 
@@ -120,9 +129,20 @@ fn main() -> ExitCode {
                 cert,
                 key,
                 delay_ms,
+                protocol,
+                tls,
+                client_ca,
             }),
             _,
-        ) => demo_backend(id, listen, cert.zip(key), delay_ms),
+        ) => demo_backend(demo::DemoOptions {
+            id,
+            listen,
+            protocol,
+            cert: cert.zip(key),
+            tls,
+            client_ca,
+            delay: Duration::from_millis(delay_ms),
+        }),
     };
     match result {
         Ok(code) => code,
@@ -168,23 +188,13 @@ fn check(path: PathBuf) -> Result<ExitCode> {
     }
 }
 
-fn demo_backend(
-    id: String,
-    listen: std::net::SocketAddr,
-    tls: Option<(PathBuf, PathBuf)>,
-    delay_ms: u64,
-) -> Result<ExitCode> {
+fn demo_backend(opts: demo::DemoOptions) -> Result<ExitCode> {
     init_logging("info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(demo::serve(demo::DemoOptions {
-        id,
-        listen,
-        tls,
-        delay: Duration::from_millis(delay_ms),
-    }))?;
+    rt.block_on(demo::serve(opts))?;
     Ok(ExitCode::SUCCESS)
 }
 

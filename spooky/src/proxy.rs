@@ -235,6 +235,11 @@ impl Proxy {
                 parts.uri = uri;
             }
         }
+        // From here the authority lives in the URI; each upstream protocol
+        // writes it its own way (`host` for HTTP/1.1, `:authority` else).
+        if parts.uri.authority().is_some() {
+            parts.headers.remove(header::HOST);
+        }
 
         let info = crate::balancer::RequestInfo {
             client_ip: down.peer.ip().to_canonical(),
@@ -246,6 +251,9 @@ impl Proxy {
         match result {
             Ok(fwd) => {
                 let (mut rparts, rbody) = fwd.response.into_parts();
+                // The version is the backend hop's; each listener writes
+                // its own (hyper's HTTP/1.1 server rejects any other).
+                rparts.version = http::Version::HTTP_11;
                 strip_hop_by_hop(&mut rparts.headers, false);
                 append_via(&mut rparts.headers, "3");
                 rparts

@@ -37,6 +37,11 @@ pub enum ServerError {
     Worker { id: u8, reason: String },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot listen on TCP {addr}: {source}")]
+    TcpBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Reads (or creates) a 32-byte secret in the state directory.
@@ -134,6 +139,19 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     info!(mode = mode.name(), reason = %why, workers = n, "packet steering");
+    // HTTP/2 + HTTP/1.1 over TLS on the same port number (TCP).
+    let (tcp_listeners, tcp_tls) = if config.listen.tcp {
+        let addr = std::net::SocketAddr::new(config.listen.addr.ip(), port);
+        let listeners = crate::listener::tcp::bind_reuseport(addr, n)
+            .map_err(|source| ServerError::TcpBind { addr, source })?;
+        let tls = Arc::new(tls::tcp_server_config(&cert, &key)?);
+        (
+            listeners.into_iter().map(Some).collect::<Vec<_>>(),
+            Some(tls),
+        )
+    } else {
+        ((0..n).map(|_| None).collect(), None)
+    };
     let local = sockets
         .first()
         .and_then(|s| s.local_addr().ok())
@@ -153,17 +171,20 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         reset_key,
         token_key,
         upstreams: upstreams.clone(),
+        tcp_tls,
+        alt_svc: crate::listener::tcp::alt_svc(port, config.listen.alt_svc_max_age_s),
     });
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut handles = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
+    for (i, (socket, tcp)) in sockets.into_iter().zip(tcp_listeners).enumerate() {
         let id = i as u8;
         let h = worker::spawn(
             id,
             cpus[i],
             socket,
+            tcp,
             shared.clone(),
             drain_rx.clone(),
             ev_tx.clone(),
@@ -211,8 +232,17 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         x.enable().map_err(steering::SteeringError::from)?;
     }
 
-    // Control tasks on this thread: health checks and signals.
-    let health = upstreams.start_health_checks();
+    // Control tasks on this thread: health checks, the plain-HTTP
+    // redirect, signals.
+    let mut health = upstreams.start_health_checks();
+    if let Some(rp) = config.listen.http_redirect_port {
+        let addr = std::net::SocketAddr::new(config.listen.addr.ip(), rp);
+        let l = crate::listener::tcp::bind_reuseport(addr, 1)
+            .map_err(|source| ServerError::TcpBind { addr, source })?;
+        for l in l {
+            health.push(rt.spawn(crate::listener::tcp::serve_redirect(l, port)));
+        }
+    }
     info!(%local, workers = n, mode = mode.name(), "spooky ready");
 
     let signal = rt.block_on(wait_for_signal());

@@ -158,19 +158,67 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
     })
 }
 
+/// Builds the TCP listener's TLS config: TLS 1.2 and 1.3, ALPN `h2` then
+/// `http/1.1`.
+pub fn tcp_server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    server_config(
+        cert,
+        key,
+        rustls::DEFAULT_VERSIONS,
+        None,
+        &[b"h2", b"http/1.1"],
+    )
+}
+
+/// A server TLS config; with `client_ca`, clients must present a
+/// certificate issued by it (mTLS).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(tls)
+}
+
 /// Builds the QUIC server crypto config: TLS 1.3 only (QUIC requires it),
 /// ALPN `h3`.
 pub fn quic_server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
-    let certs = load_certs(cert)?;
-    let key = load_key(key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    quic_server_config_with_client_auth(cert, key, None)
+}
+
+/// [`quic_server_config`], requiring client certificates from `client_ca`
+/// when given.
+pub fn quic_server_config_with_client_auth(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    let mut tls = server_config(cert, key, &[&rustls::version::TLS13], client_ca, &[ALPN_H3])?;
     tls.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))
@@ -187,29 +235,32 @@ pub enum Verification {
     InsecureSkipVerify,
 }
 
-/// Builds a client TLS config for QUIC towards backends (TLS 1.3, ALPN h3).
+/// Builds a client TLS config for QUIC towards backends (TLS 1.3, ALPN h3),
+/// presenting `client_auth` (certificate chain, key) when given (mTLS).
 pub fn quic_client_config(
     verification: &Verification,
     alpn: &[&[u8]],
+    client_auth: Option<(&Path, &Path)>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
-    let tls = client_config(verification, &[&rustls::version::TLS13], alpn)?;
+    let tls = client_config(verification, &[&rustls::version::TLS13], alpn, client_auth)?;
     quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))
 }
 
-/// Builds a rustls client config with the given verification and ALPN.
+/// Builds a rustls client config with the given verification, ALPN and
+/// optional client certificate (mTLS).
 pub fn client_config(
     verification: &Verification,
     versions: &[&'static rustls::SupportedProtocolVersion],
     alpn: &[&[u8]],
+    client_auth: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let builder =
         rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
-    let mut tls = match verification {
+    let builder = match verification {
         Verification::InsecureSkipVerify => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
         Verification::CaFile(path) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certs(path)? {
@@ -218,7 +269,7 @@ pub fn client_config(
             if roots.is_empty() {
                 return Err(TlsError::NoCa { path: path.clone() });
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Verification::SystemRoots => {
             let mut roots = RootCertStore::empty();
@@ -227,8 +278,12 @@ pub fn client_config(
             if added == 0 {
                 return Err(TlsError::NoSystemRoots);
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
+    };
+    let mut tls = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
     };
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tls)

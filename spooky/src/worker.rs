@@ -32,6 +32,10 @@ pub struct WorkerShared {
     /// worker validates on another.
     pub token_key: Arc<ring::hkdf::Prk>,
     pub upstreams: Arc<SharedUpstreams>,
+    /// TLS for the TCP listener (HTTP/2, HTTP/1.1), when enabled.
+    pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
+    /// `alt-svc` advertised on TCP responses.
+    pub alt_svc: http::HeaderValue,
 }
 
 /// What a worker reports to the main thread.
@@ -54,6 +58,7 @@ pub fn spawn(
     id: u8,
     cpu: Option<usize>,
     socket: UdpSocket,
+    tcp: Option<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
     drain: watch::Receiver<bool>,
     events: mpsc::Sender<WorkerEvent>,
@@ -79,7 +84,7 @@ pub fn spawn(
                     return;
                 }
             };
-            if let Err(error) = rt.block_on(run(id, socket, shared, drain, events.clone())) {
+            if let Err(error) = rt.block_on(run(id, socket, tcp, shared, drain, events.clone())) {
                 error!(worker = id, %error, "worker failed");
                 let _ = events.send(WorkerEvent::Failed { id, error });
                 return;
@@ -103,6 +108,7 @@ fn server_config(shared: &WorkerShared) -> quinn::ServerConfig {
 async fn run(
     id: u8,
     socket: UdpSocket,
+    tcp: Option<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
     mut drain: watch::Receiver<bool>,
     events: mpsc::Sender<WorkerEvent>,
@@ -142,6 +148,17 @@ async fn run(
         }
     });
 
+    let tcp_task = match (tcp, &shared.tcp_tls) {
+        (Some(l), Some(tls)) => Some(tokio::spawn(listener::tcp::serve(
+            l,
+            tls.clone(),
+            shared.alt_svc.clone(),
+            proxy.clone(),
+            activity.clone(),
+            drain.clone(),
+        ))),
+        _ => None,
+    };
     listener::log_listening(id as usize, local);
     let _ = events.send(WorkerEvent::Ready { id });
 
@@ -167,6 +184,11 @@ async fn run(
     // Drain: refuse new connections, let open ones finish their requests
     // (they got GOAWAY from the same signal), then close.
     endpoint.set_server_config(None);
+    if let Some(t) = tcp_task {
+        // It stops accepting on the same signal; open TCP connections got
+        // GOAWAY / connection: close and are counted in `activity`.
+        let _ = tokio::time::timeout(Duration::from_millis(100), t).await;
+    }
     let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
     loop {
         let conns = activity.connections.load(Ordering::Acquire);

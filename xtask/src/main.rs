@@ -196,7 +196,8 @@ fn run(config: &Path, release: bool) -> Result<()> {
 fn python_venv(root: &Path) -> Result<PathBuf> {
     let venv = root.join("target").join("venv");
     let python = venv.join("bin").join("python");
-    let ready = venv.join(".aioquic-ready");
+    // Bump the marker when the package list changes.
+    let ready = venv.join(".ready-aioquic-1.2.0-grpcio-1.85.1");
     if ready.exists() {
         return Ok(python);
     }
@@ -210,7 +211,7 @@ fn python_venv(root: &Path) -> Result<PathBuf> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .arg("aioquic==1.2.0"),
+            .args(["aioquic==1.2.0", "grpcio==1.85.1"]),
     )?;
     std::fs::write(&ready, b"")?;
     Ok(python)

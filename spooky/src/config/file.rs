@@ -75,6 +75,24 @@ pub struct ListenConfig {
     /// On SIGTERM, how long in-flight requests may take to finish (ms).
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,
+    /// Also serve HTTP/2 and HTTP/1.1 over TLS on the same port number
+    /// over TCP, advertising HTTP/3 with `alt-svc` (browsers start there).
+    #[serde(default = "default_true")]
+    pub tcp: bool,
+    /// `ma` (seconds) of the `alt-svc` header on TCP responses.
+    #[serde(default = "default_alt_svc_max_age")]
+    pub alt_svc_max_age_s: u64,
+    /// A plain-HTTP port that redirects every request to https (308).
+    #[serde(default)]
+    pub http_redirect_port: Option<u16>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_alt_svc_max_age() -> u64 {
+    86_400
 }
 
 fn default_drain_ms() -> u64 {
@@ -116,6 +134,11 @@ pub enum UpstreamProtocol {
     /// HTTP/3 over QUIC (TLS always).
     #[default]
     Http3,
+    /// HTTP/2 over TCP: TLS with ALPN `h2` when `tls` is set, else
+    /// cleartext with prior knowledge (h2c).
+    Http2,
+    /// HTTP/1.1 over TCP with keep-alive: TLS when `tls` is set.
+    Http1,
 }
 
 /// `upstreams.NAME`.
@@ -125,8 +148,10 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     pub backends: Vec<BackendConfig>,
+    /// TLS towards the backends. HTTP/3 always uses TLS (these settings or
+    /// their defaults); HTTP/1.1 and HTTP/2 use TLS only when this is set.
     #[serde(default)]
-    pub tls: UpstreamTlsConfig,
+    pub tls: Option<UpstreamTlsConfig>,
     #[serde(default)]
     pub balancing: Option<BalancingConfig>,
     #[serde(default)]
@@ -160,6 +185,12 @@ pub struct UpstreamTlsConfig {
     /// Skip certificate verification entirely. For tests and demos only.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// Client certificate chain (PEM/DER) presented to backends (mTLS).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// Connection pool towards one upstream (per worker).

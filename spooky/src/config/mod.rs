@@ -73,6 +73,10 @@ pub struct Listen {
     pub addr: SocketAddr,
     pub workers: usize,
     pub tls: Option<file::TlsFilesConfig>,
+    /// Serve HTTP/2 and HTTP/1.1 over TLS on TCP too.
+    pub tcp: bool,
+    pub alt_svc_max_age_s: u64,
+    pub http_redirect_port: Option<u16>,
 }
 
 /// A backend address: host (IP or DNS name) and port.
@@ -127,6 +131,10 @@ pub struct Upstream {
     pub backends: Vec<Backend>,
     pub verification: Verification,
     pub sni: Option<String>,
+    /// TLS towards backends (always true for HTTP/3).
+    pub tls_enabled: bool,
+    /// Client certificate and key for mTLS to backends.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
     pub balancing: BalancingConfig,
     pub health_check: Option<ActiveHealthConfig>,
     pub outlier: Option<OutlierConfig>,
@@ -278,6 +286,17 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             format!("unsupported protocol `{p}`: the listener speaks `http3`"),
         );
     }
+    if let Some(rp) = file.listen.http_redirect_port
+        && (rp == 0 || (file.listen.tcp && rp == file.listen.port))
+    {
+        c.err(
+            "listen.http_redirect_port",
+            format!(
+                "{rp} cannot be the redirect port: use a port other than 0 and than the TLS port {} (e.g. 80)",
+                file.listen.port
+            ),
+        );
+    }
     let ip = match file.listen.address.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) => {
@@ -382,7 +401,7 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
                 file::UpstreamConfig {
                     protocol: UpstreamProtocol::Http3,
                     backends: backends.clone(),
-                    tls: Default::default(),
+                    tls: None,
                     balancing: file.load_balancing.clone(),
                     health_check: None,
                     outlier_detection: None,
@@ -567,6 +586,9 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             addr: SocketAddr::new(ip, file.listen.port),
             workers,
             tls,
+            tcp: file.listen.tcp,
+            alt_svc_max_age_s: file.listen.alt_svc_max_age_s,
+            http_redirect_port: file.listen.http_redirect_port,
         },
         upstreams,
         routes,
@@ -667,7 +689,9 @@ fn resolve_upstream(
             health_check: b.health_check.clone(),
         });
     }
-    let verification = match (&u.tls.ca, u.tls.insecure_skip_verify) {
+    let tls_enabled = u.protocol == UpstreamProtocol::Http3 || u.tls.is_some();
+    let tls_cfg = u.tls.clone().unwrap_or_default();
+    let verification = match (&tls_cfg.ca, tls_cfg.insecure_skip_verify) {
         (Some(_), true) => {
             c.err(
                 format!("{prefix}tls.insecure_skip_verify"),
@@ -688,7 +712,35 @@ fn resolve_upstream(
         (None, true) => Verification::InsecureSkipVerify,
         (None, false) => Verification::SystemRoots,
     };
-    if let Some(sni) = &u.tls.sni
+    let client_auth = match (&tls_cfg.client_cert, &tls_cfg.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            for (field, p) in [("client_cert", cert), ("client_key", key)] {
+                if !rel(p).exists() {
+                    c.err(
+                        format!("{prefix}tls.{field}"),
+                        format!("{} does not exist", rel(p).display()),
+                    );
+                }
+            }
+            Some((rel(cert), rel(key)))
+        }
+        (Some(_), None) => {
+            c.err(
+                format!("{prefix}tls.client_key"),
+                "`client_cert` needs its `client_key`",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            c.err(
+                format!("{prefix}tls.client_cert"),
+                "`client_key` needs its `client_cert`",
+            );
+            None
+        }
+    };
+    if let Some(sni) = &tls_cfg.sni
         && crate::tls::server_name(sni).is_none()
     {
         c.err(
@@ -752,7 +804,9 @@ fn resolve_upstream(
         protocol: u.protocol,
         backends,
         verification,
-        sni: u.tls.sni.clone(),
+        sni: tls_cfg.sni.clone(),
+        tls_enabled,
+        client_auth,
         balancing,
         health_check: u.health_check.clone(),
         outlier: u.outlier_detection.clone(),

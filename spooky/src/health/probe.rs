@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{ActiveHealthConfig, HealthMachine, HealthState};
 use crate::body;
-use crate::upstream::h3::{BackendPool, PoolSettings};
+use crate::upstream::backend::BackendClient;
 use crate::upstream::{SharedUpstream, SharedUpstreams};
 
 /// Starts a probe task for every backend with a health check (its own
@@ -38,21 +38,11 @@ pub fn start(upstreams: &Arc<SharedUpstreams>) -> Vec<JoinHandle<()>> {
             else {
                 continue;
             };
-            let pool = BackendPool::new(
-                format!("{} (health)", backend.label),
-                backend.cfg.addr.clone(),
-                up.server_name(&backend.cfg),
-                endpoint.clone(),
-                up.client_config(),
-                PoolSettings {
-                    pool: crate::config::file::PoolConfig {
-                        max_connections_per_backend: 1,
-                        ..up.cfg.pool.clone()
-                    },
-                    connect_timeout: cfg.timeout(),
-                    max_header_bytes: 16 * 1024,
-                },
-            );
+            let Some(pool) =
+                up.backend_client(bi, format!("{} (health)", backend.label), &endpoint, 16 * 1024)
+            else {
+                continue;
+            };
             let up = up.clone();
             tasks.push(tokio::spawn(run(up, bi, cfg, pool, ui)));
         }
@@ -64,7 +54,7 @@ async fn run(
     up: Arc<SharedUpstream>,
     bi: usize,
     cfg: ActiveHealthConfig,
-    pool: BackendPool,
+    pool: BackendClient,
     _ui: usize,
 ) {
     let backend = &up.backends[bi];
@@ -96,7 +86,7 @@ async fn run(
 }
 
 /// One probe: `(passed, what happened)`.
-async fn probe(pool: &BackendPool, uri: &str, cfg: &ActiveHealthConfig) -> (bool, String) {
+async fn probe(pool: &BackendClient, uri: &str, cfg: &ActiveHealthConfig) -> (bool, String) {
     let req = match Request::get(uri)
         .header("user-agent", "spooky-health-check")
         .body(body::empty())

@@ -2,7 +2,9 @@
 //! backends, and the errors they report. One module per backend protocol;
 //! each exposes a `send(request) -> response` with streaming bodies.
 
+pub mod backend;
 pub mod h3;
+pub mod tcp;
 
 use std::time::Duration;
 
@@ -96,7 +98,7 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::{self, BackendStats, BackendView, Balance, RequestInfo};
 use crate::body::{self, Guarded, ProxyBody, ReplayStatus, Replayable};
-use crate::config::{self, Config, UpstreamProtocol};
+use crate::config::{self, Config};
 use crate::health::{
     self, BodyState, CircuitBreaker, FailureKind, HealthState, Outcome, OutlierPool, RetryBudget,
     RetryConfig, Selection,
@@ -148,7 +150,7 @@ pub struct SharedUpstream {
     pub outliers: Option<OutlierPool>,
     pub retry: RetryConfig,
     pub retry_budget: RetryBudget,
-    client_config: quinn::ClientConfig,
+    transport: backend::Transport,
 }
 
 impl SharedUpstream {
@@ -174,9 +176,28 @@ impl SharedUpstream {
             .unwrap_or_else(|| backend.addr.host.clone())
     }
 
-    /// The QUIC client config towards this upstream's backends.
-    pub fn client_config(&self) -> quinn::ClientConfig {
-        self.client_config.clone()
+    /// How this upstream's backends are reached (protocol and TLS).
+    pub fn transport(&self) -> &backend::Transport {
+        &self.transport
+    }
+
+    /// A client for backend `i` (per worker, or for the health prober).
+    pub fn backend_client(
+        &self,
+        i: usize,
+        label: String,
+        quic_endpoint: &quinn::Endpoint,
+        max_header_bytes: u64,
+    ) -> Option<backend::BackendClient> {
+        let b = self.backends.get(i)?;
+        Some(backend::BackendClient::new(
+            label,
+            &self.cfg,
+            &b.cfg,
+            &self.transport,
+            quic_endpoint,
+            max_header_bytes,
+        ))
     }
 }
 
@@ -204,19 +225,11 @@ impl SharedUpstreams {
             if matches!(u.verification, tls::Verification::InsecureSkipVerify) {
                 warn!(upstream = %u.name, "TLS verification of backends is DISABLED (insecure_skip_verify)");
             }
-            let crypto = match u.protocol {
-                UpstreamProtocol::Http3 => {
-                    tls::quic_client_config(&u.verification, &[tls::ALPN_H3])
-                }
-            }
-            .map_err(|source| SetupError::Tls {
-                upstream: u.name.clone(),
-                source,
-            })?;
-            let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-            client_config.transport_config(Arc::new(h3::client_transport(
-                std::time::Duration::from_millis(u.pool.idle_timeout_ms),
-            )));
+            let transport =
+                backend::Transport::for_upstream(u).map_err(|source| SetupError::Tls {
+                    upstream: u.name.clone(),
+                    source,
+                })?;
             let backends = u
                 .backends
                 .iter()
@@ -238,7 +251,7 @@ impl SharedUpstreams {
                 retry_budget: RetryBudget::new(&retry),
                 retry,
                 backends,
-                client_config,
+                transport,
                 cfg: u.clone(),
             }));
         }
@@ -258,7 +271,7 @@ impl SharedUpstreams {
 struct WorkerUpstream {
     shared: Arc<SharedUpstream>,
     balancer: Mutex<Box<dyn Balance>>,
-    pools: Vec<h3::BackendPool>,
+    pools: Vec<backend::BackendClient>,
 }
 
 /// One worker's upstreams, indexed like `Config::upstreams`.
@@ -297,18 +310,13 @@ impl WorkerUpstreams {
                 pools: u
                     .backends
                     .iter()
-                    .map(|b| {
-                        h3::BackendPool::new(
+                    .enumerate()
+                    .filter_map(|(i, b)| {
+                        u.backend_client(
+                            i,
                             b.label.clone(),
-                            b.cfg.addr.clone(),
-                            u.server_name(&b.cfg),
-                            client.clone(),
-                            u.client_config(),
-                            h3::PoolSettings {
-                                pool: u.cfg.pool.clone(),
-                                connect_timeout: u.cfg.timeouts.connect,
-                                max_header_bytes: config.limits.max_request_header_bytes,
-                            },
+                            &client,
+                            config.limits.max_request_header_bytes,
                         )
                     })
                     .collect(),

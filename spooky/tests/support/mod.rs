@@ -16,11 +16,17 @@ pub fn spooky_bin() -> &'static str {
     env!("CARGO_BIN_EXE_spooky")
 }
 
-/// A free UDP port on loopback (bound and released: the race with other
-/// processes is negligible on a test machine).
+/// A port free for both UDP and TCP on loopback (spooky serves HTTP/3 and
+/// TLS over TCP on the same number); bound and released, so the race with
+/// other processes is negligible on a test machine.
 pub fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+    loop {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Lines a child process wrote, kept for assertions and failure reports.
@@ -320,4 +326,70 @@ pub fn assert_pattern_at(offset: u64, data: &[u8]) {
         }
         pos += n;
     }
+}
+
+/// An upstream block for any protocol: `protocol` is `http3`, `http2` or
+/// `http1`; `tls` trusts `certs` (HTTP/3 needs it; HTTP/1.1 and HTTP/2
+/// without it speak cleartext).
+pub fn upstream_block(
+    name: &str,
+    protocol: &str,
+    tls: Option<&Certs>,
+    backends: &[(&str, SocketAddr)],
+    extra: &str,
+) -> String {
+    let mut s = format!("  {name}:\n    protocol: {protocol}\n");
+    if let Some(c) = tls {
+        s.push_str(&format!(
+            "    tls: {{ ca: {}, sni: localhost }}\n",
+            c.cert.display()
+        ));
+    }
+    s.push_str("    backends:\n");
+    for (id, addr) in backends {
+        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
+    }
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str(&format!("    {line}\n"));
+    }
+    s
+}
+
+/// Starts a helper script with the test venv's Python and waits for
+/// `ready` on its output.
+pub fn python_proc(name: &str, script_name: &str, args: &[&str], ready: &str) -> Option<Proc> {
+    let python = python()?;
+    let mut child = Command::new(python)
+        .arg(script(script_name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Output::default();
+    capture(child.stdout.take().unwrap(), out.clone(), false);
+    capture(child.stderr.take().unwrap(), out.clone(), false);
+    let mut p = Proc {
+        name: name.to_owned(),
+        child,
+        out,
+    };
+    let out = p.out.clone();
+    out.wait_for(ready, Duration::from_secs(30), &mut p.child, name);
+    Some(p)
+}
+
+/// Whether an external tool is installed; with SPOOKY_REQUIRE_TOOLS=1 (set
+/// by `.ci/run`, which installs everything) a missing tool fails the test.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let required = std::env::var("SPOOKY_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "{tool} is not installed (.ci/run installs it)");
+        eprintln!("SKIP: {tool} is not installed");
+    }
+    found
 }

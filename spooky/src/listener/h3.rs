@@ -1,11 +1,10 @@
-//! The HTTP/3 listener of one worker: accepts QUIC connections on the
-//! worker's endpoint, runs HTTP/3 on them, and turns each request stream
-//! into an `http::Request<ProxyBody>` for the proxy and the proxy's
-//! response back into HEADERS, DATA and trailers. A malformed request or a
-//! client reset ends only its own stream.
+//! HTTP/3 downstream: accepts QUIC connections on the worker's endpoint,
+//! runs HTTP/3 on them, and turns each request stream into an
+//! `http::Request<ProxyBody>` for the proxy and the proxy's response back
+//! into HEADERS, DATA and trailers. A malformed request or a client reset
+//! ends only its own stream.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,33 +12,11 @@ use http::Response;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::{Activity, Counted};
 use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, SendBodyError};
 use crate::proxy::{Downstream, Proxy};
 
 type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
-
-/// Counts open downstream connections and requests of one worker, so that
-/// a drain knows when it is done.
-#[derive(Debug, Default)]
-pub struct Activity {
-    pub connections: AtomicUsize,
-    pub requests: AtomicUsize,
-}
-
-struct Counted<'a>(&'a AtomicUsize);
-
-impl<'a> Counted<'a> {
-    fn new(c: &'a AtomicUsize) -> Self {
-        c.fetch_add(1, Ordering::AcqRel);
-        Self(c)
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// Serves one incoming QUIC connection until it closes or the worker
 /// drains (then GOAWAY, finish in-flight requests, close).

@@ -1,0 +1,277 @@
+//! HTTP/2 and HTTP/1.1 downstream over TLS on TCP, on the same port
+//! number as HTTP/3: browsers start here, and the `alt-svc` header on every
+//! response tells them HTTP/3 is available. Also the optional plain-HTTP
+//! listener that redirects to https.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+use super::{Activity, Counted};
+use crate::body::{self, IdleTimeout};
+use crate::proxy::{Downstream, Proxy};
+
+/// A TLS handshake that takes longer than this is abandoned: slow-loris
+/// protection for the one phase before HTTP's own timeouts apply.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for an HTTP/1.1 client to send a complete request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds `n` TCP listeners on `addr` with `SO_REUSEPORT`, one per worker,
+/// so the kernel spreads connections over the workers.
+pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<StdTcpListener>> {
+    (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                s.set_only_v6(false)?;
+            }
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_tcp_nodelay(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            Ok(StdTcpListener::from(s))
+        })
+        .collect()
+}
+
+/// The `alt-svc` value advertising HTTP/3 on `port`.
+pub fn alt_svc(port: u16, max_age_s: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"; ma={max_age_s}"))
+        .unwrap_or(HeaderValue::from_static("clear"))
+}
+
+/// Accepts TLS connections until the worker drains.
+pub async fn serve(
+    listener: StdTcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    alt_svc: HeaderValue,
+    proxy: Arc<Proxy>,
+    activity: Arc<Activity>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the TCP listener");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_connection(
+                        stream,
+                        peer,
+                        acceptor.clone(),
+                        alt_svc.clone(),
+                        proxy.clone(),
+                        activity.clone(),
+                        draining.clone(),
+                    ));
+                }
+                // Out of file descriptors and the like: back off briefly
+                // instead of spinning.
+                Err(e) => {
+                    debug!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            changed = draining.changed() => {
+                if changed.is_err() || *draining.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    alt_svc: HeaderValue,
+    proxy: Arc<Proxy>,
+    activity: Arc<Activity>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let _conn_guard = Counted::new(&activity.connections);
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cfg = &proxy.config;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size((cfg.limits.max_request_header_bytes as usize).max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .max_header_list_size(cfg.limits.max_request_header_bytes as u32)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let idle = cfg.timeouts.idle;
+    let activity_for_requests = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let alt_svc = alt_svc.clone();
+        let activity = activity_for_requests.clone();
+        async move {
+            let _req_guard = Counted::new(&activity.requests);
+            let via_version = match req.version() {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            };
+            let (parts, incoming) = req.into_parts();
+            let body = body::boxed(IdleTimeout::new(body::boxed(incoming), idle));
+            let down = Downstream {
+                peer,
+                via_version,
+                scheme: "https",
+            };
+            let mut resp = proxy.handle(Request::from_parts(parts, body), down).await;
+            resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let mut goaway = *draining.borrow();
+    if goaway {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "TCP connection ended with an error");
+                }
+                break;
+            }
+            changed = draining.changed(), if !goaway => {
+                if changed.is_err() || *draining.borrow() {
+                    goaway = true;
+                    // GOAWAY (HTTP/2) or `connection: close` after the
+                    // current request (HTTP/1.1).
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Serves the plain-HTTP redirect: every request gets a 308 to the same
+/// host and path over https on `https_port`.
+pub async fn serve_redirect(listener: StdTcpListener, https_port: u16) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the redirect listener");
+            return;
+        }
+    };
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, https_port, "plain-HTTP redirect listening");
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(redirect(&req, https_port))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The 308 answer for `req` (400 without a usable host).
+pub fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<body::ProxyBody> {
+    let host = crate::routing::request_host(req.uri(), req.headers());
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Some(host) = host else {
+        let mut r = Response::new(body::full("400 Bad Request: no Host header\n"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let location = if https_port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{https_port}{pq}")
+    };
+    let mut r = Response::new(body::empty());
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_keeps_host_and_path() {
+        let req = Request::get("/a/b?c=1")
+            .header("host", "Example.com:80")
+            .body(())
+            .unwrap();
+        let r = redirect(&req, 8443);
+        assert_eq!(r.status(), 308);
+        assert_eq!(r.headers()["location"], "https://example.com:8443/a/b?c=1");
+        assert_eq!(
+            redirect(&req, 443).headers()["location"],
+            "https://example.com/a/b?c=1"
+        );
+        let bare = Request::get("/").body(()).unwrap();
+        assert_eq!(redirect(&bare, 443).status(), 400);
+    }
+
+    #[test]
+    fn alt_svc_names_the_port() {
+        assert_eq!(alt_svc(9889, 3600), "h3=\":9889\"; ma=3600");
+    }
+}
