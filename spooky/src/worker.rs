@@ -25,8 +25,10 @@ pub struct WorkerShared {
     pub config: Arc<Config>,
     pub server_crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
     /// Stateless-reset key: the same in every worker and across restarts,
-    /// so any worker can reset a connection another worker (or an earlier
-    /// process) owned.
+    /// so a worker can reset connections its predecessor in an earlier
+    /// process owned (its CID validation still ignores other workers'
+    /// CIDs: a packet steered to the wrong worker is dropped, not answered
+    /// with a reset that would kill a healthy connection).
     pub reset_key: Arc<ring::hmac::Key>,
     /// Address-validation token key, shared so that a token issued by one
     /// worker validates on another.

@@ -3,6 +3,7 @@
 //! to read a process's memory.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod privilege;
 
 use std::io::{BufRead, BufReader};
@@ -392,4 +393,78 @@ pub fn have_tool(tool: &str) -> bool {
         eprintln!("SKIP: {tool} is not installed");
     }
     found
+}
+
+/// Starts a demo backend inside network namespace `netns`, listening on
+/// `addr` (in that namespace).
+pub fn backend_in_netns(
+    netns: &str,
+    id: &str,
+    certs: &Certs,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> Proc {
+    let mut cmd = netns::command_in(netns, spooky_bin());
+    cmd.args(["demo-backend", "--id", id, "--listen", &addr.to_string()])
+        .arg("--cert")
+        .arg(&certs.cert)
+        .arg("--key")
+        .arg(&certs.key)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    spawn_and_wait(cmd, &format!("backend {id}"), "listening on")
+}
+
+/// Writes `config` (with `PORT` replaced by `port`) and starts spooky
+/// inside network namespace `netns`; returns once every worker listens.
+/// (The returned `Spooky`'s `url`/`addr`/`client_options` name loopback:
+/// build the client's options from the namespace's addresses instead.)
+pub fn spooky_in_netns(netns: &str, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config.replace("PORT", &port.to_string());
+    let path = dir.path().join("spooky.yaml");
+    std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
+    let mut cmd = netns::command_in(netns, spooky_bin());
+    cmd.args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info,spooky::access=debug");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proc = spawn_and_wait(cmd, "spooky", "spooky ready");
+    Spooky { proc, dir, port }
+}
+
+/// Spawns `cmd` with its output captured and waits for `ready` in it.
+/// The child gets SIGKILL when the thread that spawned it dies, so a test
+/// process killed outright leaves no proxy running in a namespace (the
+/// next run then removes the namespace's name, see `netns`).
+fn spawn_and_wait(mut cmd: Command, name: &str, ready: &str) -> Proc {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec. PDEATHSIG survives the exec (nsenter's, then spooky's).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let out = Output::default();
+    capture(child.stdout.take().unwrap(), out.clone(), false);
+    capture(child.stderr.take().unwrap(), out.clone(), false);
+    let mut p = Proc {
+        name: name.to_owned(),
+        child,
+        out,
+    };
+    let out = p.out.clone();
+    out.wait_for(ready, Duration::from_secs(30), &mut p.child, name);
+    p
 }
