@@ -113,6 +113,11 @@ pub struct H3Body<R: H3Recv> {
     phase: RecvPhase,
     size_hint: SizeHint,
     guard: Option<Box<dyn Send>>,
+    /// The last poll returned Pending: h3-quinn has lent the QUIC stream to
+    /// its read future, and a STOP_SENDING now would panic inside
+    /// h3-quinn (`stop_sending` unwraps the lent stream). Dropping that
+    /// future drops the quinn stream, which stops the peer by itself.
+    read_pending: bool,
 }
 
 impl<R: H3Recv> H3Body<R> {
@@ -125,6 +130,7 @@ impl<R: H3Recv> H3Body<R> {
             phase: RecvPhase::Data,
             size_hint,
             guard,
+            read_pending: false,
         }
     }
 
@@ -138,7 +144,7 @@ impl<R: H3Recv> Drop for H3Body<R> {
     fn drop(&mut self) {
         // Nobody will read the rest: tell the peer to stop sending instead of
         // letting flow control stall it.
-        if self.phase != RecvPhase::Done {
+        if self.phase != RecvPhase::Done && !self.read_pending {
             self.recv.cancel();
         }
     }
@@ -155,17 +161,23 @@ impl<R: H3Recv> Body for H3Body<R> {
         let this = self.get_mut();
         loop {
             match this.phase {
-                RecvPhase::Data => match ready!(this.recv.poll_data(cx)) {
-                    Ok(Some(chunk)) if chunk.is_empty() => continue,
-                    Ok(Some(chunk)) => return Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                    Ok(None) => this.phase = RecvPhase::Trailers,
-                    Err(e) => {
-                        this.finish();
-                        return Poll::Ready(Some(Err(BodyError::H3(e).into())));
+                RecvPhase::Data => {
+                    let r = this.recv.poll_data(cx);
+                    this.read_pending = r.is_pending();
+                    match ready!(r) {
+                        Ok(Some(chunk)) if chunk.is_empty() => continue,
+                        Ok(Some(chunk)) => return Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                        Ok(None) => this.phase = RecvPhase::Trailers,
+                        Err(e) => {
+                            this.finish();
+                            return Poll::Ready(Some(Err(BodyError::H3(e).into())));
+                        }
                     }
-                },
+                }
                 RecvPhase::Trailers => {
-                    let r = ready!(this.recv.poll_trailers(cx));
+                    let r = this.recv.poll_trailers(cx);
+                    this.read_pending = r.is_pending();
+                    let r = ready!(r);
                     this.finish();
                     return Poll::Ready(match r {
                         Ok(Some(t)) => Some(Ok(Frame::trailers(t))),

@@ -8,6 +8,7 @@
 //! [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
 //! (lifecycle).
 
+pub mod admin;
 pub mod balancer;
 pub mod body;
 pub mod cid;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -171,6 +171,7 @@ impl Proxy {
                 None,
                 None,
                 started,
+                true,
             );
         };
         let upstream = &cfg.upstreams[route.upstream];
@@ -197,6 +198,7 @@ impl Proxy {
                     Some(&upstream.name),
                     None,
                     started,
+                    true,
                 );
             }
             body = body::boxed(Limited::new(body, limit));
@@ -255,7 +257,7 @@ impl Proxy {
                 // its own (hyper's HTTP/1.1 server rejects any other).
                 rparts.version = http::Version::HTTP_11;
                 strip_hop_by_hop(&mut rparts.headers, false);
-                append_via(&mut rparts.headers, "3");
+                append_via(&mut rparts.headers, fwd.via_version);
                 rparts
                     .headers
                     .entry(id_header.clone())
@@ -272,6 +274,7 @@ impl Proxy {
                     Some(&upstream.name),
                     Some(&fwd.backend),
                     started,
+                    false,
                 )
             }
             Err(ForwardError {
@@ -293,6 +296,7 @@ impl Proxy {
                     Some(&upstream.name),
                     backend.as_deref(),
                     started,
+                    true,
                 )
             }
         }
@@ -308,8 +312,14 @@ impl Proxy {
         upstream: Option<&str>,
         backend: Option<&str>,
         started: Instant,
+        local: bool,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
+        crate::metrics::GLOBAL.record(
+            crate::metrics::ClientProtocol::from_via(down.via_version),
+            status,
+            local,
+        );
         let fields = (
             req.method.as_str(),
             req.uri.authority().map_or("-", |a| a.as_str()),

@@ -1,6 +1,6 @@
 //! Process lifecycle: from a validated config to running workers and back.
 //! Sets up TLS and keys, chooses and installs steering, starts the workers
-//! and the control tasks (health checks, admin), waits for a signal, drains
+//! and the control tasks (health checks, admin, redirect), waits for a signal, drains
 //! and tears everything down (the XDP program is detached on the way out).
 
 use std::path::Path;
@@ -231,6 +231,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     if let Some(x) = xdp.as_mut() {
         x.enable().map_err(steering::SteeringError::from)?;
     }
+    let xdp = xdp.map(|x| Arc::new(std::sync::Mutex::new(x)));
 
     // Control tasks on this thread: health checks, the plain-HTTP
     // redirect, signals.
@@ -243,11 +244,30 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             health.push(rt.spawn(crate::listener::tcp::serve_redirect(l, port)));
         }
     }
+    let admin_state = Arc::new(crate::admin::AdminState {
+        upstreams: upstreams.clone(),
+        steering_mode: mode.name(),
+        workers: n,
+        xdp: xdp.clone(),
+        started: std::time::Instant::now(),
+        ready: std::sync::atomic::AtomicBool::new(true),
+    });
+    if let Some(addr) = config.admin {
+        let task = rt
+            .block_on(crate::admin::serve(addr, admin_state.clone()))
+            .map_err(|source| ServerError::TcpBind { addr, source })?;
+        health.push(task);
+    }
     info!(%local, workers = n, mode = mode.name(), "spooky ready");
 
     let signal = rt.block_on(wait_for_signal());
     info!(signal, "draining");
-    if let Some(x) = xdp.as_mut() {
+    admin_state
+        .ready
+        .store(false, std::sync::atomic::Ordering::Release);
+    if let Some(x) = &xdp
+        && let Ok(mut x) = x.lock()
+    {
         for h in &handles {
             if let Some(cpu) = h.cpu {
                 let _ = x.set_worker(h.id, cpu as u32, WorkerState::Draining);
@@ -270,6 +290,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     for h in health {
         h.abort();
     }
+    // Detach now rather than when the last reference (the admin state)
+    // goes: the program must not outlive the sockets it steers to.
+    if let Some(x) = &xdp
+        && let Ok(mut x) = x.lock()
+        && let Err(e) = x.detach_all()
+    {
+        error!(error = %e, "detaching the XDP program failed");
+    }
+    drop(admin_state);
     drop(xdp);
     if joined {
         info!("stopped");

@@ -533,3 +533,65 @@ fn aioquic_client_through_spooky() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("200 1000000 bytes"), "{stdout}");
 }
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn admin_serves_metrics_health_and_readiness() {
+    let certs = certs();
+    let (_b, a) = backend("m", &certs, &[]);
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let ups = format!(
+        "{}{}",
+        upstream_yaml("live", &certs, &[("m", a)], ""),
+        upstream_yaml(
+            "dead",
+            &certs,
+            &[("gone", dead)],
+            "retries: { attempts: 0 }\ntimeouts: { connect_ms: 300 }",
+        ),
+    );
+    let admin_port = free_udp_port();
+    let routes =
+        "routes:\n  - match: { path_prefix: /dead }\n    upstream: dead\n  - upstream: live\n";
+    let sp = spooky(&config(
+        &ups,
+        &format!("{routes}admin: {{ address: \"127.0.0.1:{admin_port}\" }}\n"),
+    ));
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let client = sp.client().await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/").await.unwrap().0.status(), 200);
+    }
+    // Nothing answers QUIC there: the connect times out.
+    assert_eq!(client.get("/dead").await.unwrap().0.status(), 504);
+    let m = http_get(admin, "/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    for line in [
+        "spooky_requests_total{protocol=\"h3\"} 4",
+        "spooky_responses_total{class=\"2xx\"} 3",
+        "spooky_local_responses_total{status=\"504\"} 1",
+        "spooky_backend_requests_total{upstream=\"live\",backend=\"m\"} 3",
+        "spooky_backend_responses_total{upstream=\"live\",backend=\"m\",class=\"2xx\"} 3",
+        "spooky_backend_failures_total{upstream=\"dead\",backend=\"gone\",kind=\"connect\"} 1",
+        "spooky_backend_healthy{upstream=\"live\",backend=\"m\"} 1",
+        "spooky_steering_mode{mode=\"reuseport\"} 1",
+        "spooky_workers 2",
+    ] {
+        assert!(m.contains(line), "missing `{line}` in\n{m}");
+    }
+    assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(admin, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(admin, "/nope").starts_with("HTTP/1.1 404"));
+}

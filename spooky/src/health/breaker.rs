@@ -5,6 +5,7 @@
 //! and the trial count share one `AtomicU64` changed by compare-and-swap.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -201,15 +202,33 @@ impl CircuitBreaker {
     /// Would `try_acquire` succeed now? Side-effect free; use it to mark the
     /// backend ineligible for the balancer (`BackendView::eligible`).
     pub fn allows(&self, now: Instant) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) >= self.cfg.max_concurrent_requests {
-            return false;
-        }
+        self.check(now).is_ok()
+    }
+
+    /// [`allows`](Self::allows) with the reason of a refusal (for the 503
+    /// the client gets when every candidate's breaker refuses).
+    pub fn check(&self, now: Instant) -> Result<(), Rejected> {
+        let now_ms = clock::to_ms(now);
         let w = Word::unpack(self.word.load(Ordering::Acquire));
-        match w.state {
-            ST_CLOSED => true,
-            ST_OPEN => clock::to_ms(now) >= w.until_ms,
-            _ => w.trials < u64::from(self.max_trials()),
+        if w.state == ST_OPEN && now_ms < w.until_ms {
+            return Err(Rejected {
+                reason: RejectReason::Open,
+                retry_after: Some(Duration::from_millis(w.until_ms - now_ms)),
+            });
         }
+        if self.in_flight.load(Ordering::Relaxed) >= self.cfg.max_concurrent_requests {
+            return Err(Rejected {
+                reason: RejectReason::TooManyConcurrent,
+                retry_after: None,
+            });
+        }
+        if w.state == ST_HALF_OPEN && w.trials >= u64::from(self.max_trials()) {
+            return Err(Rejected {
+                reason: RejectReason::HalfOpenFull,
+                retry_after: None,
+            });
+        }
+        Ok(())
     }
 
     fn max_trials(&self) -> u32 {
@@ -240,6 +259,7 @@ impl CircuitBreaker {
         let mut permit = BreakerPermit {
             breaker: self,
             trial_round: None,
+            slot_moved: false,
         };
         if w.state == ST_CLOSED {
             return Ok(permit);
@@ -292,7 +312,8 @@ impl CircuitBreaker {
             ) {
                 Ok(_) => {
                     if w.state == ST_OPEN {
-                        tracing::debug!("circuit breaker half-open");
+                        // The proxy logs the transition with the backend's name.
+                        tracing::trace!("circuit breaker half-open");
                     }
                     return Ok(Some(w.until_ms));
                 }
@@ -346,7 +367,7 @@ impl CircuitBreaker {
                 let open_until = now_ms.saturating_add(self.cfg.open_ms);
                 self.update(|w| (w.state == ST_CLOSED).then(|| Word::open(open_until)))?;
                 self.consecutive_failures.store(0, Ordering::Relaxed);
-                tracing::info!(failures = n, "circuit breaker opened");
+                tracing::trace!(failures = n, "circuit breaker opened");
                 Some(BreakerState::Open)
             }
             (Some(round), true) => {
@@ -355,7 +376,7 @@ impl CircuitBreaker {
                         .then_some(Word::unpack(ST_CLOSED))
                 })?;
                 self.consecutive_failures.store(0, Ordering::Relaxed);
-                tracing::info!("circuit breaker closed after a successful trial");
+                tracing::trace!("circuit breaker closed after a successful trial");
                 Some(BreakerState::Closed)
             }
             (Some(round), false) => {
@@ -363,7 +384,7 @@ impl CircuitBreaker {
                 self.update(|w| {
                     (w.state == ST_HALF_OPEN && w.until_ms == round).then(|| Word::open(open_until))
                 })?;
-                tracing::info!("circuit breaker re-opened after a failed trial");
+                tracing::trace!("circuit breaker re-opened after a failed trial");
                 Some(BreakerState::Open)
             }
         }
@@ -391,6 +412,22 @@ pub struct BreakerPermit<'a> {
     breaker: &'a CircuitBreaker,
     /// Some(round) for a half-open trial.
     trial_round: Option<u64>,
+    /// The concurrency slot moved to a [`ConcurrencySlot`]: Drop leaves it.
+    slot_moved: bool,
+}
+
+/// A `max_concurrent_requests` slot that outlives the permit's result:
+/// the result is known at the response headers, but the request is in
+/// flight until its response body ends. Released on drop.
+#[derive(Debug)]
+pub struct ConcurrencySlot(Option<Arc<CircuitBreaker>>);
+
+impl Drop for ConcurrencySlot {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl BreakerPermit<'_> {
@@ -410,12 +447,33 @@ impl BreakerPermit<'_> {
     }
 }
 
+impl BreakerPermit<'_> {
+    /// [`record`](Self::record), keeping the concurrency slot until the
+    /// returned [`ConcurrencySlot`] drops (tie it to the response body).
+    /// `breaker` must be the breaker this permit came from; any other
+    /// breaker gets the slot released at once instead.
+    pub fn record_and_hold(
+        mut self,
+        success: bool,
+        now: Instant,
+        breaker: &Arc<CircuitBreaker>,
+    ) -> (Option<BreakerState>, ConcurrencySlot) {
+        let same = std::ptr::eq(Arc::as_ptr(breaker), self.breaker);
+        self.slot_moved = same;
+        let round = self.trial_round.take();
+        let state = self.breaker.on_result(round, success, now);
+        (state, ConcurrencySlot(same.then(|| breaker.clone())))
+    }
+}
+
 impl Drop for BreakerPermit<'_> {
     fn drop(&mut self) {
         if let Some(round) = self.trial_round {
             self.breaker.release_trial(round);
         }
-        self.breaker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.slot_moved {
+            self.breaker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -457,6 +515,51 @@ mod tests {
             until_ms: 123_456_789,
         };
         assert_eq!(Word::unpack(w.pack()), w);
+    }
+
+    #[test]
+    fn check_reports_why_and_slots_can_outlive_the_result() {
+        let b = Arc::new(CircuitBreaker::new(&CircuitBreakerConfig {
+            failure_threshold: 1,
+            open_ms: 1000,
+            max_concurrent_requests: 1,
+            ..CircuitBreakerConfig::default()
+        }));
+        let t = Instant::now();
+        assert_eq!(b.check(t), Ok(()));
+        // The result is recorded, the slot is kept until the body ends.
+        let (state, slot) = b.try_acquire(t).unwrap().record_and_hold(true, t, &b);
+        assert_eq!(state, None);
+        assert_eq!(b.in_flight(), 1);
+        assert_eq!(
+            b.check(t).unwrap_err().reason,
+            RejectReason::TooManyConcurrent
+        );
+        assert!(!b.allows(t));
+        drop(slot);
+        assert_eq!(b.in_flight(), 0);
+        // A permit held against another breaker releases its own slot.
+        let other = Arc::new(CircuitBreaker::new(&CircuitBreakerConfig::default()));
+        let (_, slot) = b.try_acquire(t).unwrap().record_and_hold(false, t, &other);
+        assert_eq!((b.in_flight(), other.in_flight()), (0, 0));
+        drop(slot);
+        assert_eq!((b.in_flight(), other.in_flight()), (0, 0));
+        // That failure opened it: Open wins over the other reasons.
+        let r = b.check(t + ms(400)).unwrap_err();
+        assert_eq!(
+            (r.reason, r.retry_after),
+            (RejectReason::Open, Some(ms(600)))
+        );
+        // Half-open: the trial holds its slot and the trial count.
+        let t1 = t + ms(1000);
+        let trial = b.try_acquire(t1).unwrap();
+        assert!(trial.is_trial());
+        assert!(b.check(t1).is_err());
+        let (state, slot) = trial.record_and_hold(true, t1, &b);
+        assert_eq!(state, Some(BreakerState::Closed));
+        assert!(b.check(t1).is_err(), "the slot is still held");
+        drop(slot);
+        assert_eq!(b.check(t1), Ok(()));
     }
 
     #[test]

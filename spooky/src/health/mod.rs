@@ -5,9 +5,13 @@
 //! these; nothing here does I/O.
 //!
 //! How the pieces combine into `BackendView::eligible` for the balancer:
-//! `eligible = health.is_routable() && !outliers.is_ejected(i, now) &&
-//! breaker.allows(now)`, then [`panic::routable_set`] over those flags
-//! decides between Normal, Panic (all backends) and a 503.
+//! [`panic::routable_set`] over `healthy = health.is_routable() &&
+//! !outliers.is_ejected(i, now)` decides between Normal (the healthy
+//! backends), Panic (all backends) and a 503; then, in either mode,
+//! `eligible = candidate && breaker.allows(now)`. Breakers stay out of the
+//! panic computation: a backend at its concurrency limit is busy, not
+//! unhealthy, and an open breaker would refuse the request in panic mode
+//! anyway.
 
 pub mod active;
 pub mod breaker;
@@ -19,7 +23,8 @@ pub mod retry;
 
 pub use active::{ActiveHealthConfig, HealthMachine, HealthState, StatusRange, Transition};
 pub use breaker::{
-    BreakerPermit, BreakerState, CircuitBreaker, CircuitBreakerConfig, RejectReason, Rejected,
+    BreakerPermit, BreakerState, CircuitBreaker, CircuitBreakerConfig, ConcurrencySlot,
+    RejectReason, Rejected,
 };
 pub use outlier::{EjectReason, Ejection, Outcome, OutlierConfig, OutlierPool, OutlierState};
 pub use panic::{AllDownConfig, PanicConfig, Selection, routable_set};

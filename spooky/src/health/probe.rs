@@ -38,33 +38,44 @@ pub fn start(upstreams: &Arc<SharedUpstreams>) -> Vec<JoinHandle<()>> {
             else {
                 continue;
             };
-            let Some(pool) =
-                up.backend_client(bi, format!("{} (health)", backend.label), &endpoint, 16 * 1024)
-            else {
-                continue;
-            };
             let up = up.clone();
-            tasks.push(tokio::spawn(run(up, bi, cfg, pool, ui)));
+            tasks.push(tokio::spawn(run(up, bi, cfg, endpoint.clone(), ui)));
         }
     }
     tasks
 }
 
+/// Response headers a probe accepts.
+const PROBE_HEADER_BYTES: u64 = 16 * 1024;
+
 async fn run(
     up: Arc<SharedUpstream>,
     bi: usize,
     cfg: ActiveHealthConfig,
-    pool: BackendClient,
+    endpoint: quinn::Endpoint,
     _ui: usize,
 ) {
     let backend = &up.backends[bi];
+    let label = format!("{} (health)", backend.label);
+    let connect = || up.backend_client(bi, label.clone(), &endpoint, PROBE_HEADER_BYTES);
+    let Some(mut pool) = connect() else { return };
     let mut machine = HealthMachine::new(&cfg);
     let authority = format!("{}:{}", up.server_name(&backend.cfg), backend.cfg.addr.port);
     let uri = format!("https://{authority}{}", cfg.path);
     let first = machine.first_probe_delay(&mut rand::rng());
     tokio::time::sleep(first).await;
     loop {
-        let (ok, detail) = probe(&pool, &uri, &cfg).await;
+        let (ok, answered, detail) = probe(&pool, &uri, &cfg).await;
+        if !answered {
+            // No answer: the probe's connection may be one a dead or
+            // restarted backend will never answer on (QUIC has no RST), and
+            // the pool may be in connect backoff, which would delay the
+            // detection of a comeback beyond the probe schedule. The next
+            // probe starts from a fresh pool.
+            if let Some(fresh) = connect() {
+                pool = fresh;
+            }
+        }
         let now = Instant::now();
         if let Some(t) = machine.on_probe(ok, now) {
             backend.set_health(t.to);
@@ -79,20 +90,27 @@ async fn run(
                     info!(backend = %backend.label, from = ?t.from, ?to, %detail, "backend health changed")
                 }
             }
+            // Leaving or regaining service: the workers' connections to
+            // it are stale either way (see `renew_connections`).
+            if matches!(t.to, HealthState::Unhealthy)
+                || (t.to == HealthState::Healthy && t.from == HealthState::Recovering)
+            {
+                backend.renew_connections();
+            }
         }
         let delay = machine.next_probe_delay(&mut rand::rng());
         tokio::time::sleep(delay).await;
     }
 }
 
-/// One probe: `(passed, what happened)`.
-async fn probe(pool: &BackendClient, uri: &str, cfg: &ActiveHealthConfig) -> (bool, String) {
+/// One probe: `(passed, the backend answered, what happened)`.
+async fn probe(pool: &BackendClient, uri: &str, cfg: &ActiveHealthConfig) -> (bool, bool, String) {
     let req = match Request::get(uri)
         .header("user-agent", "spooky-health-check")
         .body(body::empty())
     {
         Ok(r) => r,
-        Err(e) => return (false, format!("bad probe request: {e}")),
+        Err(e) => return (false, true, format!("bad probe request: {e}")),
     };
     let timeout = cfg.timeout();
     let attempt = async {
@@ -108,10 +126,15 @@ async fn probe(pool: &BackendClient, uri: &str, cfg: &ActiveHealthConfig) -> (bo
     match tokio::time::timeout(timeout, attempt).await {
         Err(_) => (
             false,
+            false,
             format!("no answer within {} ms", timeout.as_millis()),
         ),
-        Ok(Err(e)) => (false, e),
-        Ok(Ok(status)) if cfg.is_success(status) => (true, format!("status {status}")),
-        Ok(Ok(status)) => (false, format!("status {status} outside the expected range")),
+        Ok(Err(e)) => (false, false, e),
+        Ok(Ok(status)) if cfg.is_success(status) => (true, true, format!("status {status}")),
+        Ok(Ok(status)) => (
+            false,
+            true,
+            format!("status {status} outside the expected range"),
+        ),
     }
 }

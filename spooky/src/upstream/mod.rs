@@ -89,7 +89,7 @@ impl UpstreamError {
     }
 }
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -100,8 +100,8 @@ use crate::balancer::{self, BackendStats, BackendView, Balance, RequestInfo};
 use crate::body::{self, Guarded, ProxyBody, ReplayStatus, Replayable};
 use crate::config::{self, Config};
 use crate::health::{
-    self, BodyState, CircuitBreaker, FailureKind, HealthState, Outcome, OutlierPool, RetryBudget,
-    RetryConfig, Selection,
+    self, BodyState, BreakerState, CircuitBreaker, Ejection, FailureKind, HealthState, Outcome,
+    OutlierPool, Rejected, RetryBudget, RetryConfig, Selection,
 };
 use crate::tls;
 
@@ -116,7 +116,12 @@ pub struct SharedBackend {
     /// Published by the active health checker.
     routable: AtomicBool,
     health: AtomicU8,
-    pub breaker: Option<CircuitBreaker>,
+    pub breaker: Option<Arc<CircuitBreaker>>,
+    /// Requests, responses and failures, for metrics.
+    pub counters: crate::metrics::BackendCounters,
+    /// Bumped when the workers must drop their connections to this backend
+    /// and start afresh (see [`SharedBackend::renew_connections`]).
+    epoch: AtomicU64,
 }
 
 impl SharedBackend {
@@ -141,6 +146,24 @@ impl SharedBackend {
         self.health.store(v, Ordering::Release);
         self.routable.store(state.is_routable(), Ordering::Release);
     }
+
+    /// Tells every worker to replace its pool for this backend before its
+    /// next request there: idle connections close, busy ones finish their
+    /// requests and close, and the connect backoff starts over.
+    ///
+    /// Called when the backend is found dead (ejected, unhealthy) and when
+    /// it comes back. A SIGKILLed or crashed backend never closes its QUIC
+    /// connections, and a restarted one cannot reset them (its stateless
+    /// reset key is new): without this, workers would keep sending into
+    /// the silent connections until their idle timeout (30 s and more),
+    /// long after the backend is back.
+    pub fn renew_connections(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
 }
 
 /// Process-wide state of one upstream.
@@ -151,20 +174,98 @@ pub struct SharedUpstream {
     pub retry: RetryConfig,
     pub retry_budget: RetryBudget,
     transport: backend::Transport,
+    /// In panic mode (for logging the transitions only).
+    panicking: AtomicBool,
 }
 
 impl SharedUpstream {
-    /// Eligibility of every backend right now (health, ejection, breaker).
-    fn eligible(&self, now: Instant) -> Vec<bool> {
+    /// Healthy by active checks and not ejected: what panic mode counts.
+    fn healthy(&self, now: Instant) -> Vec<bool> {
         self.backends
             .iter()
             .enumerate()
             .map(|(i, b)| {
                 b.routable.load(Ordering::Acquire)
                     && !self.outliers.as_ref().is_some_and(|o| o.is_ejected(i, now))
-                    && b.breaker.as_ref().is_none_or(|br| br.allows(now))
             })
             .collect()
+    }
+
+    /// The backends a request may go to now: the healthy ones (all of them
+    /// in panic mode) whose circuit breaker admits a request. `Err` is the
+    /// 503 to answer when there are none.
+    fn candidates(&self, now: Instant) -> Result<Vec<bool>, ForwardError> {
+        let healthy = self.healthy(now);
+        let base = match health::routable_set(healthy.iter().copied(), &self.cfg.panic) {
+            Selection::Normal => {
+                self.note_panic(false, &healthy);
+                healthy
+            }
+            Selection::Panic => {
+                self.note_panic(true, &healthy);
+                vec![true; self.backends.len()]
+            }
+            Selection::NoneAvailable { retry_after } => {
+                self.note_panic(false, &healthy);
+                return Err(ForwardError {
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    detail: format!("no healthy backend in upstream `{}`", self.cfg.name),
+                    retry_after: Some(retry_after.as_secs().max(1)),
+                    backend: None,
+                });
+            }
+        };
+        let mut refused: Option<(&str, Rejected)> = None;
+        let eligible: Vec<bool> = base
+            .iter()
+            .zip(&self.backends)
+            .map(|(&ok, b)| {
+                ok && match &b.breaker {
+                    None => true,
+                    Some(br) => match br.check(now) {
+                        Ok(()) => true,
+                        Err(r) => {
+                            refused.get_or_insert((b.cfg.id.as_str(), r));
+                            false
+                        }
+                    },
+                }
+            })
+            .collect();
+        if eligible.iter().any(|e| *e) {
+            return Ok(eligible);
+        }
+        Err(match refused {
+            Some((id, r)) => breaker_error(id, &r),
+            None => ForwardError {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                detail: format!("no available backend in upstream `{}`", self.cfg.name),
+                retry_after: Some(self.cfg.panic.all_down.retry_after_s.max(1)),
+                backend: None,
+            },
+        })
+    }
+
+    /// Logs entering and leaving panic mode (once per transition, not per
+    /// request).
+    fn note_panic(&self, on: bool, healthy: &[bool]) {
+        if self.panicking.load(Ordering::Relaxed) == on
+            || self.panicking.swap(on, Ordering::Relaxed) == on
+        {
+            return;
+        }
+        let up = healthy.iter().filter(|h| **h).count();
+        if on {
+            warn!(
+                upstream = %self.cfg.name,
+                healthy = up,
+                backends = healthy.len(),
+                threshold_percent = self.cfg.panic.threshold_percent,
+                "panic mode: too few healthy backends, balancing across all"
+            );
+        } else {
+            info!(upstream = %self.cfg.name, healthy = up, backends = healthy.len(), "panic mode over");
+        }
     }
 
     /// The server name backends are verified against: `tls.sni`, else the
@@ -198,6 +299,20 @@ impl SharedUpstream {
             quic_endpoint,
             max_header_bytes,
         ))
+    }
+}
+
+/// The 503 for a request every candidate's circuit breaker refused.
+fn breaker_error(id: &str, r: &Rejected) -> ForwardError {
+    let retry_after = r
+        .retry_after
+        .map_or(1, |d| d.as_millis().div_ceil(1000) as u64)
+        .max(1);
+    ForwardError {
+        status: http::StatusCode::SERVICE_UNAVAILABLE,
+        detail: format!("backend {id}: {r}"),
+        retry_after: Some(retry_after),
+        backend: Some(id.to_owned()),
     }
 }
 
@@ -239,7 +354,12 @@ impl SharedUpstreams {
                     stats: Arc::new(BackendStats::with_decay(u.balancing.ewma_decay())),
                     routable: AtomicBool::new(true),
                     health: AtomicU8::new(0),
-                    breaker: u.circuit_breaker.as_ref().map(CircuitBreaker::new),
+                    breaker: u
+                        .circuit_breaker
+                        .as_ref()
+                        .map(|c| Arc::new(CircuitBreaker::new(c))),
+                    counters: Default::default(),
+                    epoch: AtomicU64::new(0),
                 })
                 .collect::<Vec<_>>();
             let retry = u.retries.clone().unwrap_or_default();
@@ -252,6 +372,7 @@ impl SharedUpstreams {
                 retry,
                 backends,
                 transport,
+                panicking: AtomicBool::new(false),
                 cfg: u.clone(),
             }));
         }
@@ -267,11 +388,46 @@ impl SharedUpstreams {
     }
 }
 
+/// One worker's client for one backend, replaced when the backend's
+/// connection epoch moves (see [`SharedBackend::renew_connections`]).
+struct WorkerPool {
+    label: String,
+    endpoint: quinn::Endpoint,
+    max_header_bytes: u64,
+    /// (epoch it was built at, client).
+    current: Mutex<(u64, Arc<backend::BackendClient>)>,
+}
+
+impl WorkerPool {
+    /// The client to use for a request to backend `bi` of `up`; a fresh one
+    /// when the epoch moved. The old one is dropped: its idle connections
+    /// close now, busy ones once their requests end.
+    fn client(&self, up: &SharedUpstream, bi: usize) -> Option<Arc<backend::BackendClient>> {
+        let epoch = up.backends.get(bi)?.epoch();
+        let mut cur = self.current.lock().ok()?;
+        if cur.0 != epoch {
+            let fresh = up.backend_client(
+                bi,
+                self.label.clone(),
+                &self.endpoint,
+                self.max_header_bytes,
+            )?;
+            debug!(backend = %self.label, "replacing the backend's connections");
+            *cur = (epoch, Arc::new(fresh));
+        }
+        Some(cur.1.clone())
+    }
+
+    fn get(&self) -> Option<Arc<backend::BackendClient>> {
+        self.current.lock().ok().map(|c| c.1.clone())
+    }
+}
+
 /// One worker's view of an upstream: its own balancer and pools.
 struct WorkerUpstream {
     shared: Arc<SharedUpstream>,
     balancer: Mutex<Box<dyn Balance>>,
-    pools: Vec<backend::BackendClient>,
+    pools: Vec<WorkerPool>,
 }
 
 /// One worker's upstreams, indexed like `Config::upstreams`.
@@ -286,6 +442,8 @@ pub struct Forwarded {
     pub backend: String,
     /// Headers the balancer wants on the response (sticky cookie).
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `via` version token of the backend hop (`3`, `2`, `1.1`).
+    pub via_version: &'static str,
 }
 
 /// Why no backend response could be returned.
@@ -299,9 +457,17 @@ pub struct ForwardError {
     pub backend: Option<String>,
 }
 
+/// A backend response kept while a retry is attempted: the client gets
+/// it if no retry produces a response.
+struct Held {
+    response: Response<ProxyBody>,
+    backend: usize,
+}
+
 impl WorkerUpstreams {
     /// Builds this worker's balancers and pools over the shared state.
     pub fn new(shared: &SharedUpstreams, client: quinn::Endpoint, config: &Config) -> Self {
+        let max_header_bytes = config.limits.max_request_header_bytes;
         let ups = shared
             .upstreams
             .iter()
@@ -312,12 +478,13 @@ impl WorkerUpstreams {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, b)| {
-                        u.backend_client(
-                            i,
-                            b.label.clone(),
-                            &client,
-                            config.limits.max_request_header_bytes,
-                        )
+                        let c = u.backend_client(i, b.label.clone(), &client, max_header_bytes)?;
+                        Some(WorkerPool {
+                            label: b.label.clone(),
+                            endpoint: client.clone(),
+                            max_header_bytes,
+                            current: Mutex::new((b.epoch(), Arc::new(c))),
+                        })
                     })
                     .collect(),
                 shared: u.clone(),
@@ -329,7 +496,7 @@ impl WorkerUpstreams {
     /// Closes idle backend connections.
     pub fn reap(&self, now: tokio::time::Instant) {
         for u in &self.ups {
-            for p in &u.pools {
+            for p in u.pools.iter().filter_map(WorkerPool::get) {
                 p.reap(now);
             }
         }
@@ -338,7 +505,7 @@ impl WorkerUpstreams {
     /// Closes every backend connection.
     pub fn close_all(&self) {
         for u in &self.ups {
-            for p in &u.pools {
+            for p in u.pools.iter().filter_map(WorkerPool::get) {
                 p.close_all();
             }
         }
@@ -349,6 +516,7 @@ impl WorkerUpstreams {
         self.ups
             .get(u)
             .and_then(|u| u.pools.get(b))
+            .and_then(WorkerPool::get)
             .map_or(0, |p| p.connections())
     }
 
@@ -356,6 +524,10 @@ impl WorkerUpstreams {
     /// balancer among eligible backends, retries on another backend when
     /// the retry policy and budget allow, and records every outcome for
     /// outlier detection, circuit breaking and the balancers.
+    ///
+    /// When retries run out, the client gets the last backend response if
+    /// any try produced one (a 503 from a backend says more than spooky's
+    /// own 502), else the last error.
     pub async fn forward(
         &self,
         idx: usize,
@@ -377,100 +549,86 @@ impl WorkerUpstreams {
         let replay = Replayable::new(body, retry.buffer_body_limit);
         let started = Instant::now();
         let deadline = started + shared.cfg.timeouts.request;
-        let now = Instant::now();
-        shared.retry_budget.deposit(now);
+        shared.retry_budget.deposit(started);
 
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<ForwardError> = None;
+        let mut held: Option<Held> = None;
         let max_tries = 1 + retry.attempts as usize;
         for attempt in 0..max_tries {
-            let now = Instant::now();
             if attempt > 0 {
                 let delay = retry.backoff(attempt as u32, &mut rand::rng());
-                if now + delay >= deadline {
+                if Instant::now() + delay >= deadline {
                     break;
                 }
                 tokio::time::sleep(delay).await;
             }
             let now = Instant::now();
-            // Candidates: health, outlier ejection and breakers, or all of
-            // them in panic mode.
-            let mut eligible = shared.eligible(now);
-            match health::routable_set(eligible.iter().copied(), &shared.cfg.panic) {
-                Selection::Normal => {}
-                Selection::Panic => {
-                    if attempt == 0 {
-                        warn!(upstream = %shared.cfg.name, "panic mode: too few healthy backends, balancing across all");
-                    }
-                    eligible.iter_mut().for_each(|e| *e = true);
+            let eligible = match shared.candidates(now) {
+                Ok(e) => e,
+                Err(e) => {
+                    last = Some(e);
+                    break;
                 }
-                Selection::NoneAvailable { retry_after } => {
-                    return Err(last.unwrap_or(ForwardError {
-                        status: http::StatusCode::SERVICE_UNAVAILABLE,
-                        detail: format!("no healthy backend in upstream `{}`", shared.cfg.name),
-                        retry_after: Some(retry_after.as_secs().max(1)),
-                        backend: None,
-                    }));
-                }
-            }
-            let views: Vec<BackendView<'_>> = shared
-                .backends
-                .iter()
-                .zip(&eligible)
-                .map(|(b, &eligible)| BackendView {
-                    id: &b.cfg.id,
-                    weight: b.cfg.weight,
-                    stats: &b.stats,
-                    eligible,
-                })
-                .collect();
+            };
+            let views = views(shared, &eligible);
             let pick = match up.balancer.lock() {
                 Ok(mut bal) => bal.pick(&views, info, &tried),
                 Err(_) => None,
             };
             let Some(bi) = pick else {
-                return Err(last.unwrap_or(ForwardError {
-                    status: http::StatusCode::SERVICE_UNAVAILABLE,
-                    detail: format!("no available backend in upstream `{}`", shared.cfg.name),
-                    retry_after: Some(shared.cfg.panic.all_down.retry_after_s.max(1)),
-                    backend: None,
-                }));
+                break;
             };
             tried.push(bi);
             let backend = &shared.backends[bi];
+            let Some(client) = up.pools.get(bi).and_then(|p| p.client(shared, bi)) else {
+                break;
+            };
             let permit = match &backend.breaker {
                 None => None,
                 Some(br) => match br.try_acquire(now) {
-                    Ok(p) => Some(p),
+                    Ok(p) => {
+                        if p.is_trial() {
+                            info!(backend = %backend.label, "circuit breaker half-open: sending a trial request");
+                        }
+                        Some((p, br))
+                    }
                     Err(rejected) => {
+                        // Lost a race with another request for the last
+                        // slot; another backend may take it.
                         debug!(backend = %backend.label, reason = %rejected, "circuit breaker rejected the request");
-                        last = Some(ForwardError {
-                            status: http::StatusCode::SERVICE_UNAVAILABLE,
-                            detail: format!(
-                                "backend {} is overloaded or failing ({rejected})",
-                                backend.cfg.id
-                            ),
-                            retry_after: Some(1),
-                            backend: Some(backend.cfg.id.clone()),
-                        });
-                        // Another backend may take it; this one was never
-                        // tried, so it does not count against the budget.
+                        last = Some(breaker_error(&backend.cfg.id, &rejected));
                         continue;
                     }
                 },
             };
 
             let in_flight = backend.stats.start_request_owned();
+            backend.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if attempt > 0 {
+                backend.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
             let try_timeout = retry
                 .per_try_timeout()
                 .map_or(deadline, |t| (now + t).min(deadline))
                 .saturating_duration_since(now);
             let head = Request::from_parts(parts.clone(), replay.reader());
-            let result = up.pools[bi].send(head, try_timeout).await;
+            // The per-try timeout covers the whole try, waiting for a
+            // connection included (the pool bounds only the exchange).
+            let result =
+                match tokio::time::timeout(try_timeout, client.send(head, try_timeout)).await {
+                    Ok(r) => r.map_err(|(e, _unsent)| e),
+                    Err(_) => Err(UpstreamError::Timeout {
+                        backend: backend.label.clone(),
+                        after: try_timeout,
+                    }),
+                };
+            drop(client);
             let done = Instant::now();
-            let (failure, error) = match result {
+            let error = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
+                    backend.counters.response(status);
                     backend.stats.record_latency(done - now, done);
                     let ok = status < 500;
                     if let Some(o) = &shared.outliers {
@@ -480,84 +638,83 @@ impl WorkerUpstreams {
                             Outcome::Status5xx
                         };
                         if let Some(ej) = o.record(bi, outcome, done) {
-                            info!(backend = %backend.label, ?ej, "backend ejected (outlier detection)");
+                            ejected(backend, &ej);
                         }
                     }
-                    if let Some(p) = permit {
-                        p.record(ok, done);
-                    }
+                    // The result counts now; the concurrency slot lasts as
+                    // long as the response body.
+                    let slot = permit.map(|(p, br)| {
+                        let trial = p.is_trial();
+                        let (state, slot) = p.record_and_hold(ok, done, br);
+                        breaker_changed(backend, state, trial, status.to_string());
+                        slot
+                    });
+                    let (rparts, rbody) = resp.into_parts();
+                    let guard: Box<dyn Send> = Box::new((in_flight, slot));
+                    let response =
+                        Response::from_parts(rparts, body::boxed(Guarded::new(rbody, guard)));
                     let can_retry = attempt + 1 < max_tries
                         && retry_allowed(retry, &method, &replay, FailureKind::Status(status))
                         && shared.retry_budget.try_withdraw(done);
+                    held = Some(Held {
+                        response,
+                        backend: bi,
+                    });
                     if can_retry {
                         debug!(backend = %backend.label, status, "retrying on another backend");
-                        last = Some(ForwardError {
-                            status: resp.status(),
-                            detail: format!("backend answered {status}"),
-                            retry_after: None,
-                            backend: Some(backend.cfg.id.clone()),
-                        });
                         continue;
                     }
-                    let (rparts, rbody) = resp.into_parts();
-                    let rbody = body::boxed(Guarded::new(rbody, Box::new(in_flight)));
-                    let cookie = match up.balancer.lock() {
-                        Ok(bal) => bal.set_cookie(&views, bi, info),
-                        Err(_) => None,
-                    };
-                    let extra_headers = cookie
-                        .map(|c| (http::header::SET_COOKIE, c))
-                        .into_iter()
-                        .collect();
-                    return Ok(Forwarded {
-                        response: Response::from_parts(rparts, rbody),
-                        backend: backend.cfg.id.clone(),
-                        extra_headers,
-                    });
+                    break;
                 }
-                Err((err, _unsent)) => {
-                    drop(in_flight);
-                    let failure = match &err {
-                        e if e.is_connect_failure() => FailureKind::ConnectFailure,
-                        UpstreamError::Refused { .. } => FailureKind::Refused,
-                        UpstreamError::Timeout { .. } => FailureKind::Timeout,
-                        _ => FailureKind::ResetBeforeHeaders,
-                    };
-                    (failure, err)
-                }
+                Err(err) => err,
             };
+            drop(in_flight);
             // A try failed before any response.
-            let outcome = match failure {
-                FailureKind::ConnectFailure | FailureKind::Refused => Outcome::ConnectFailure,
-                FailureKind::Timeout => Outcome::Timeout,
-                _ => Outcome::Reset,
+            let failure = match &error {
+                e if e.is_connect_failure() => FailureKind::ConnectFailure,
+                UpstreamError::Refused { .. } => FailureKind::Refused,
+                UpstreamError::Timeout { .. } => FailureKind::Timeout,
+                _ => FailureKind::ResetBeforeHeaders,
             };
-            if !matches!(
+            let local = matches!(
                 error,
                 UpstreamError::ClientAborted(_) | UpstreamError::BodyTooLarge { .. }
-            ) {
+            );
+            if !local {
+                let c = &backend.counters;
+                match failure {
+                    FailureKind::ConnectFailure | FailureKind::Refused => &c.connect_failures,
+                    FailureKind::Timeout => &c.timeouts,
+                    _ => &c.resets,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                let outcome = match failure {
+                    FailureKind::ConnectFailure | FailureKind::Refused => Outcome::ConnectFailure,
+                    FailureKind::Timeout => Outcome::Timeout,
+                    _ => Outcome::Reset,
+                };
                 if let Some(o) = &shared.outliers
                     && let Some(ej) = o.record(bi, outcome, done)
                 {
-                    info!(backend = %backend.label, ?ej, "backend ejected (outlier detection)");
+                    ejected(backend, &ej);
                 }
-                if let Some(p) = permit {
-                    p.record(false, done);
+                if let Some((p, _)) = permit {
+                    let trial = p.is_trial();
+                    let state = p.record(false, done);
+                    breaker_changed(backend, state, trial, short_detail(&error));
                 }
             }
-            let status = error.status();
-            let detail = error.to_string();
-            debug!(backend = %backend.label, error = %detail, attempt, "try failed");
+            debug!(backend = %backend.label, error = %error, attempt, "try failed");
             last = Some(ForwardError {
-                status,
+                status: error.status(),
                 detail: short_detail(&error),
                 retry_after: None,
                 backend: Some(backend.cfg.id.clone()),
             });
-            if matches!(
-                error,
-                UpstreamError::ClientAborted(_) | UpstreamError::BodyTooLarge { .. }
-            ) {
+            if local {
+                // The client's request itself failed: no retry, and an
+                // earlier backend response is moot.
+                held = None;
                 break;
             }
             let can_retry = attempt + 1 < max_tries
@@ -567,12 +724,98 @@ impl WorkerUpstreams {
                 break;
             }
         }
+        if let Some(Held { response, backend }) = held {
+            return Ok(self.deliver(up, response, backend, info));
+        }
         Err(last.unwrap_or(ForwardError {
             status: http::StatusCode::BAD_GATEWAY,
             detail: "no backend answered".into(),
             retry_after: None,
             backend: None,
         }))
+    }
+
+    /// The response of backend `bi`, with the balancer's cookie.
+    fn deliver(
+        &self,
+        up: &WorkerUpstream,
+        response: Response<ProxyBody>,
+        bi: usize,
+        info: &RequestInfo<'_>,
+    ) -> Forwarded {
+        let shared = &up.shared;
+        let eligible = vec![true; shared.backends.len()];
+        let views = views(shared, &eligible);
+        let cookie = match up.balancer.lock() {
+            Ok(bal) => bal.set_cookie(&views, bi, info),
+            Err(_) => None,
+        };
+        Forwarded {
+            response,
+            via_version: match shared.cfg.protocol {
+                config::UpstreamProtocol::Http3 => "3",
+                config::UpstreamProtocol::Http2 => "2",
+                config::UpstreamProtocol::Http1 => "1.1",
+            },
+            backend: shared
+                .backends
+                .get(bi)
+                .map(|b| b.cfg.id.clone())
+                .unwrap_or_default(),
+            extra_headers: cookie
+                .map(|c| (http::header::SET_COOKIE, c))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// The balancer's view of an upstream's backends.
+fn views<'a>(shared: &'a SharedUpstream, eligible: &[bool]) -> Vec<BackendView<'a>> {
+    shared
+        .backends
+        .iter()
+        .zip(eligible)
+        .map(|(b, &eligible)| BackendView {
+            id: &b.cfg.id,
+            weight: b.cfg.weight,
+            stats: &b.stats,
+            eligible,
+        })
+        .collect()
+}
+
+/// Logs an outlier ejection and renews the workers' connections to the
+/// backend (a silent connection to a dead backend must not outlive it).
+fn ejected(backend: &SharedBackend, ej: &Ejection) {
+    warn!(
+        backend = %backend.label,
+        reason = ?ej.reason,
+        ejection_ms = ej.duration.as_millis() as u64,
+        times_ejected = ej.times_ejected,
+        "backend ejected (outlier detection)"
+    );
+    backend.renew_connections();
+}
+
+/// Logs a circuit-breaker transition caused by a request's result.
+fn breaker_changed(
+    backend: &SharedBackend,
+    state: Option<BreakerState>,
+    trial: bool,
+    result: String,
+) {
+    match state {
+        Some(BreakerState::Open) if trial => {
+            warn!(backend = %backend.label, %result, "circuit breaker re-opened: the trial request failed")
+        }
+        Some(BreakerState::Open) => {
+            warn!(backend = %backend.label, %result, "circuit breaker opened: requests are refused until a trial succeeds")
+        }
+        Some(BreakerState::Closed) => {
+            info!(backend = %backend.label, "circuit breaker closed: the trial request succeeded")
+        }
+        _ => {}
     }
 }
 
