@@ -199,7 +199,9 @@ pub struct UpstreamTlsConfig {
 pub struct PoolConfig {
     /// Concurrent requests per backend connection before another opens.
     pub max_streams_per_connection: u32,
-    /// Connections per backend per worker.
+    /// Connections per backend per worker (HTTP/3, HTTP/2). For HTTP/1.1,
+    /// which carries one request per connection, up to this times
+    /// `max_streams_per_connection` idle keep-alive connections are kept.
     pub max_connections_per_backend: u32,
     /// Idle connections are closed after this long.
     pub idle_timeout_ms: u64,

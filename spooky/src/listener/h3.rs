@@ -72,7 +72,9 @@ pub async fn serve_connection(
                             via_version: "3",
                             scheme: "https",
                         };
-                        serve_request(resolver, proxy, down).await;
+                        // Boxed: the request future is large, and a small
+                        // task cell keeps spawning cheap.
+                        Box::pin(serve_request(resolver, proxy, down)).await;
                     });
                 }
                 Ok(None) => break,

@@ -1,0 +1,1333 @@
+//! spooky against a peer proxy (Caddy) on the same backend and the same
+//! client, measured side by side in one run (DESIGN.md, "How to measure":
+//! the machine is shared, so only interleaved A/B figures mean anything).
+//!
+//! * `h3`: HTTP/3 proxying. nginx (`return 200 "hello\n"`, HTTP/1.1
+//!   keep-alive) behind spooky (`protocol: http1`) and behind Caddy
+//!   (`reverse_proxy`); the load generator below (built on
+//!   [`spooky::client::H3Client`]) opens `conns` connections with `streams`
+//!   concurrent request loops each for `seconds`. Reported: requests/s,
+//!   p50/p99 latency and proxy CPU (utime+stime of the whole process from
+//!   `/proc/PID/stat`) per request. Baseline, same client, no proxy: the
+//!   HTTP/3 demo backend (`spooky demo-backend --protocol http3`: the
+//!   quinn/h3 stack spooky terminates with), i.e. what the client and an h3
+//!   server alone reach on this machine.
+//! * `h2`: HTTP/2 over TLS on TCP with `h2load` against both proxies (same
+//!   nginx), plus nginx direct over HTTP/1.1 (`h2load --h1`) as the
+//!   backend's ceiling.
+//! * `memory`: peak RSS (VmHWM, reset through `/proc/PID/clear_refs`) of a
+//!   fresh proxy while one HTTP/3 client downloads `body_mib` MiB from
+//!   `/bytes/N` and uploads as much to `/sink` (spooky's demo backend over
+//!   HTTP/1.1 behind both proxies), and RSS per idle HTTP/3 connection
+//!   (`idle_conns` connections, each after one request; VmRSS delta).
+//!
+//! Every comparison runs `rounds` rounds, the order of the targets rotating
+//! each round; the table reports medians and the ratio spooky/caddy.
+//!
+//! Run with `cargo xtask bench` (it builds `target/release/spooky` first) or
+//! `cargo bench -p spooky --bench proxy -- [--only h3,h2,memory|proxy]
+//! [--seconds 5] [--rounds 3] [--conns 4] [--streams 16] [--client-threads 2]
+//! [--h2-conns 8] [--h2-streams 16] [--body-mib 1024] [--idle-conns 500]
+//! [--default-pools]`. By default both proxies may keep 256 idle
+//! connections to the backend (spooky `pool.max_connections_per_backend`,
+//! Caddy `keepalive_idle_conns_per_host`), so neither churns backend
+//! connections; `--default-pools` measures their stock settings instead.
+//! Without `--bench` (that is, under `cargo test --all-targets`) it only
+//! prints how to run it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::Request;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use spooky::body::{BoxError, ProxyBody};
+use spooky::client::{ClientOptions, H3Client};
+
+// ---------------------------------------------------------------------------
+// Options
+
+#[derive(Debug, Clone)]
+struct Opts {
+    seconds: u64,
+    rounds: usize,
+    sections: Vec<String>,
+    conns: usize,
+    streams: usize,
+    client_threads: usize,
+    h2_conns: usize,
+    h2_streams: usize,
+    body_mib: u64,
+    idle_conns: usize,
+    /// Leave both proxies' upstream keep-alive pools at their defaults
+    /// (both then close and reopen backend connections under load).
+    default_pools: bool,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Opts {
+            seconds: 5,
+            rounds: 3,
+            sections: vec!["h3".into(), "h2".into(), "memory".into()],
+            conns: 4,
+            streams: 16,
+            client_threads: 2,
+            h2_conns: 8,
+            h2_streams: 16,
+            body_mib: 1024,
+            idle_conns: 500,
+            default_pools: false,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let (key, inline) = match a.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_owned())),
+                None => (a.as_str(), None),
+            };
+            let mut value = || -> Result<String> {
+                inline
+                    .clone()
+                    .or_else(|| it.next().cloned())
+                    .with_context(|| format!("{key} needs a value"))
+            };
+            let num = |v: String| -> Result<u64> {
+                v.parse::<u64>()
+                    .with_context(|| format!("{key}: `{v}` is not a number"))
+            };
+            match key {
+                "--bench" => {}
+                "--default-pools" => o.default_pools = true,
+                "--seconds" => o.seconds = num(value()?)?.max(1),
+                "--rounds" => o.rounds = num(value()?)?.max(1) as usize,
+                "--conns" => o.conns = num(value()?)?.max(1) as usize,
+                "--streams" => o.streams = num(value()?)?.max(1) as usize,
+                "--client-threads" => o.client_threads = num(value()?)?.max(1) as usize,
+                "--h2-conns" => o.h2_conns = num(value()?)?.max(1) as usize,
+                "--h2-streams" => o.h2_streams = num(value()?)?.max(1) as usize,
+                "--body-mib" => o.body_mib = num(value()?)?.max(1),
+                "--idle-conns" => o.idle_conns = num(value()?)?.max(1) as usize,
+                "--only" => {
+                    let mut s = Vec::new();
+                    for part in value()?.split(',') {
+                        match part.trim() {
+                            "proxy" => s.extend(["h3".to_owned(), "h2".to_owned()]),
+                            p @ ("h3" | "h2" | "memory") => s.push(p.to_owned()),
+                            "all" => s.extend(["h3", "h2", "memory"].map(String::from)),
+                            other => bail!(
+                                "--only: unknown section `{other}` (valid: proxy, h3, h2, memory, all)"
+                            ),
+                        }
+                    }
+                    o.sections = s;
+                }
+                other => bail!("unknown argument `{other}`"),
+            }
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process, SIGKILLed on drop (and, through PR_SET_PDEATHSIG, when
+/// the bench itself dies), so nothing outlives the run.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        // SAFETY: prctl is async-signal-safe; the closure touches no
+        // memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited ({st}):\n{}", self.name, self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// CPU time (user + system, all threads) in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resets VmHWM to the current RSS (Linux ≥ 4.0, own processes).
+    fn reset_peak(&self) -> Result<()> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), b"5")
+            .context("cannot reset VmHWM through /proc/PID/clear_refs")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at
+    // field 3 (state); utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A port free for both UDP and TCP on loopback.
+fn free_port() -> Result<u16> {
+    for _ in 0..1000 {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let port = s.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port")
+}
+
+fn wait_tcp(p: &mut Proc, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        p.alive()?;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{} does not listen on {port}:\n{}", p.name, p.log_tail())
+}
+
+/// The built spooky binary: next to this bench's `deps` directory
+/// (`target/release/spooky`), or `SPOOKY_BIN`.
+fn spooky_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("SPOOKY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("bench executable has no target directory")?;
+    let bin = profile_dir.join("spooky");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release -p spooky`, which `cargo xtask bench` does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Everything one run shares: a temp directory, the binary, one TLS
+/// certificate for `localhost` that both proxies serve.
+struct Env {
+    dir: tempfile::TempDir,
+    spooky: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    default_pools: bool,
+}
+
+/// Idle keep-alive connections each proxy may keep to the backend when
+/// pools are tuned: above any concurrency the bench drives, so neither
+/// proxy closes and reopens backend connections (spooky's default is 8
+/// per worker, Caddy's 32 per host; both churn at 64 requests in flight).
+const POOL_IDLE: u32 = 256;
+
+impl Env {
+    fn new(default_pools: bool) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("spooky-bench-").tempdir()?;
+        let (cert, key, _) = spooky::tls::ensure_self_signed(&dir.path().join("tls"))?;
+        Ok(Env {
+            spooky: spooky_bin()?,
+            dir,
+            cert,
+            key,
+            default_pools,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn client_options(&self, port: u16) -> ClientOptions {
+        ClientOptions {
+            ca: Some(self.cert.clone()),
+            connect_to: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        }
+    }
+
+    /// nginx as the backend: one process (`master_process off`), so
+    /// SIGKILL leaves no worker behind.
+    fn nginx(&self) -> Result<(Proc, u16)> {
+        let port = free_port()?;
+        let dir = self.path("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+               client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let mut p = Proc::spawn(
+            "nginx",
+            Command::new("nginx")
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&conf_path),
+            self.path("nginx.log"),
+        )?;
+        wait_tcp(&mut p, port)?;
+        Ok((p, port))
+    }
+
+    /// spooky's demo backend (`/bytes/N`, `/sink`, ...).
+    fn demo_backend(&self, protocol: &str) -> Result<(Proc, u16)> {
+        let port = free_port()?;
+        let mut p = Proc::spawn(
+            &format!("demo-backend {protocol}"),
+            Command::new(&self.spooky)
+                .args(["demo-backend", "--id", "bench", "--protocol", protocol])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--cert")
+                .arg(&self.cert)
+                .arg("--key")
+                .arg(&self.key)
+                .env("RUST_LOG", "warn"),
+            self.path(&format!("demo-{protocol}-{port}.log")),
+        )?;
+        if protocol == "http3" {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                p.alive()?;
+                if std::fs::read_to_string(&p.log)
+                    .unwrap_or_default()
+                    .contains("listening on")
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("demo backend not ready:\n{}", p.log_tail());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            wait_tcp(&mut p, port)?;
+        }
+        Ok((p, port))
+    }
+
+    /// spooky in front of `backend` (HTTP/1.1, cleartext).
+    fn spooky(&self, backend: u16) -> Result<(Proc, u16)> {
+        let port = free_port()?;
+        let dir = self.path(&format!("spooky-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "state_dir: {state}\n\
+             listen:\n  address: \"127.0.0.1\"\n  port: {port}\n  workers: 2\n  tcp: true\n\
+             \x20 tls: {{ cert: {cert}, key: {key} }}\n\
+             upstreams:\n  backend:\n    protocol: http1\n\
+             \x20   backends: [{{ id: b1, address: \"127.0.0.1:{backend}\" }}]\n\
+             \x20   balancing: {{ type: round_robin }}\n{pool}\
+             routes:\n  - upstream: backend\n\
+             steering: {{ mode: reuseport }}\n\
+             log: {{ level: warn }}\n",
+            state = dir.join("state").display(),
+            cert = self.cert.display(),
+            key = self.key.display(),
+            pool = if self.default_pools {
+                String::new()
+            } else {
+                format!("    pool: {{ max_connections_per_backend: {POOL_IDLE} }}\n")
+            },
+        );
+        let conf_path = dir.join("spooky.yaml");
+        std::fs::write(&conf_path, conf)?;
+        let mut p = Proc::spawn(
+            "spooky",
+            Command::new(&self.spooky)
+                .args(["run", "-c"])
+                .arg(&conf_path)
+                .env_remove("RUST_LOG"),
+            dir.join("spooky.log"),
+        )?;
+        self.wait_h3(&mut p, port)?;
+        Ok((p, port))
+    }
+
+    /// Caddy 2 in front of `backend`: `reverse_proxy`, HTTP/1.1, HTTP/2 and
+    /// HTTP/3 with the same certificate, admin API off, no redirects.
+    fn caddy(&self, backend: u16) -> Result<(Proc, u16)> {
+        let port = free_port()?;
+        let dir = self.path(&format!("caddy-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "{{\n  admin off\n  auto_https disable_redirects\n  skip_install_trust\n\
+             \x20 default_sni localhost\n  storage file_system {{\n    root {data}\n  }}\n\
+             \x20 log {{\n    level ERROR\n  }}\n  servers {{\n    protocols h1 h2 h3\n  }}\n}}\n\
+             https://:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n\
+             \x20 reverse_proxy 127.0.0.1:{backend}{pool}\n}}\n",
+            data = dir.join("data").display(),
+            pool = if self.default_pools {
+                String::new()
+            } else {
+                format!(
+                    " {{\n    transport http {{\n      keepalive_idle_conns_per_host {POOL_IDLE}\n      keepalive_idle_conns {POOL_IDLE}\n    }}\n  }}"
+                )
+            },
+            cert = self.cert.display(),
+            key = self.key.display(),
+        );
+        let conf_path = dir.join("Caddyfile");
+        std::fs::write(&conf_path, conf)?;
+        let mut p = Proc::spawn(
+            "caddy",
+            Command::new("caddy")
+                .args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(&conf_path)
+                .env("HOME", &dir)
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config")),
+            dir.join("caddy.log"),
+        )?;
+        self.wait_h3(&mut p, port)?;
+        Ok((p, port))
+    }
+
+    /// Waits until an HTTP/3 GET through `p` answers 200.
+    fn wait_h3(&self, p: &mut Proc, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let rt = current_thread()?;
+        let url = url(port, "/");
+        let mut opts = self.client_options(port);
+        opts.timeout = Some(Duration::from_secs(2));
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            p.alive()?;
+            let r = rt.block_on(async {
+                let c =
+                    tokio::time::timeout(Duration::from_secs(2), H3Client::connect(&url, &opts))
+                        .await
+                        .map_err(|_| "connect timed out".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                let (resp, _) = c.get("/").await.map_err(|e| e.to_string())?;
+                c.close().await;
+                Ok::<_, String>(resp.status())
+            });
+            match r {
+                Ok(s) if s.is_success() => return Ok(()),
+                Ok(s) => last = format!("status {s}"),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "{} does not answer HTTP/3 on {port} ({last}):\n{}",
+            p.name,
+            p.log_tail()
+        )
+    }
+}
+
+fn url(port: u16, path: &str) -> String {
+    format!("https://localhost:{port}{path}")
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/3 load generator
+
+/// One load run's outcome.
+#[derive(Debug, Clone)]
+struct Run {
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    mean_us: f64,
+    /// Proxy CPU per request, microseconds.
+    cpu_us_per_req: f64,
+    /// Backend CPU per request (reference), microseconds.
+    backend_cpu_us_per_req: f64,
+}
+
+/// `conns` HTTP/3 connections spread over `threads` client threads (each a
+/// current-thread runtime), `streams` request loops per connection, GET
+/// `path` for `duration`. CPU of `proxy_pid` and `backend_pid` is read
+/// right before the first and right after the last request.
+#[allow(clippy::too_many_arguments)]
+fn h3_load(
+    port: u16,
+    opts: &ClientOptions,
+    path: &str,
+    conns: usize,
+    streams: usize,
+    threads: usize,
+    duration: Duration,
+    proxy_pid: u32,
+    backend_pid: Option<u32>,
+) -> Result<Run> {
+    let threads = threads.min(conns).max(1);
+    let start = Arc::new(Barrier::new(threads + 1));
+    let done = Arc::new(Barrier::new(threads + 1));
+    let measured = Arc::new(Barrier::new(threads + 1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let my_conns = conns / threads + usize::from(t < conns % threads);
+        let (start, done, measured) = (start.clone(), done.clone(), measured.clone());
+        let opts = opts.clone();
+        let path = path.to_owned();
+        let url = url(port, "/");
+        handles.push(std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
+            let rt = current_thread()?;
+            // Connect and warm up (a round of requests on every
+            // connection, so pools behind the proxy are warm) before the
+            // measured window.
+            let clients = rt.block_on(async {
+                let mut clients = Vec::new();
+                for _ in 0..my_conns {
+                    let c = Arc::new(H3Client::connect(&url, &opts).await?);
+                    let mut warm = Vec::new();
+                    for _ in 0..streams {
+                        let c = c.clone();
+                        let p = path.clone();
+                        warm.push(tokio::spawn(async move { c.get(&p).await.map(|_| ()) }));
+                    }
+                    for w in warm {
+                        w.await??;
+                    }
+                    clients.push(c);
+                }
+                Ok::<_, anyhow::Error>(clients)
+            });
+            let clients = match clients {
+                Ok(c) => c,
+                Err(e) => {
+                    // Release the others before failing.
+                    start.wait();
+                    done.wait();
+                    measured.wait();
+                    return Err(e);
+                }
+            };
+            start.wait();
+            let deadline = tokio::time::Instant::now() + duration;
+            let result =
+                rt.block_on(async {
+                    let mut tasks = Vec::new();
+                    for c in &clients {
+                        for _ in 0..streams {
+                            let c = c.clone();
+                            let p = path.clone();
+                            tasks.push(tokio::spawn(async move {
+                                let mut lat = Vec::with_capacity(16 * 1024);
+                                let mut errors = 0u64;
+                                while tokio::time::Instant::now() < deadline {
+                                    let t0 = Instant::now();
+                                    match c.get(&p).await {
+                                        Ok((r, _)) if r.status().is_success() => lat
+                                            .push(t0.elapsed().as_micros().min(u32::MAX as u128)
+                                                as u32),
+                                        _ => errors += 1,
+                                    }
+                                }
+                                (lat, errors)
+                            }));
+                        }
+                    }
+                    let mut all = Vec::new();
+                    let mut errors = 0;
+                    for t in tasks {
+                        if let Ok((l, e)) = t.await {
+                            all.extend(l);
+                            errors += e;
+                        }
+                    }
+                    (all, errors)
+                });
+            done.wait();
+            measured.wait();
+            rt.block_on(async {
+                for c in clients {
+                    if let Ok(c) = Arc::try_unwrap(c) {
+                        c.close().await;
+                    }
+                }
+            });
+            Ok(result)
+        }));
+    }
+    start.wait();
+    let (cpu0, bcpu0, t0) = (
+        cpu_seconds(proxy_pid),
+        backend_pid.map_or(0.0, cpu_seconds),
+        Instant::now(),
+    );
+    done.wait();
+    let (cpu1, bcpu1, elapsed) = (
+        cpu_seconds(proxy_pid),
+        backend_pid.map_or(0.0, cpu_seconds),
+        t0.elapsed(),
+    );
+    measured.wait();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        lat.extend(l);
+        errors += e;
+    }
+    if lat.is_empty() {
+        bail!("no request succeeded ({errors} errors)");
+    }
+    lat.sort_unstable();
+    let n = lat.len() as u64;
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64;
+    Ok(Run {
+        requests: n,
+        errors,
+        rps: n as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / n as f64,
+        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / n as f64,
+        backend_cpu_us_per_req: (bcpu1 - bcpu0) * 1e6 / n as f64,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// h2load
+
+#[derive(Debug, Clone)]
+struct H2Run {
+    rps: f64,
+    mean_us: f64,
+    cpu_us_per_req: f64,
+    failed: u64,
+}
+
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let s = s.trim().trim_end_matches(',');
+    let (num, mul) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mul)
+}
+
+/// `h2load` for `seconds` against `url`; CPU of `pid` around it.
+fn h2load(extra: &[&str], url: &str, seconds: u64, pid: u32) -> Result<H2Run> {
+    let cpu0 = cpu_seconds(pid);
+    let out = Command::new("h2load")
+        .args(extra)
+        .args(["-D", &seconds.to_string(), url])
+        .output()
+        .context("cannot run h2load")?;
+    let cpu1 = cpu_seconds(pid);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "h2load failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut finished_us = None;
+    let mut succeeded = None;
+    let mut failed = 0;
+    let mut mean_us = 0.0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            finished_us = rest.split(',').next().and_then(parse_duration_us);
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            for part in rest.split(',') {
+                let mut w = part.split_whitespace();
+                let (Some(n), Some(what)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let n = n.parse::<u64>().unwrap_or(0);
+                match what {
+                    "succeeded" => succeeded = Some(n),
+                    "failed" | "errored" | "timeout" => failed += n,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("time for request:") {
+            // min max mean sd +/-sd
+            mean_us = rest
+                .split_whitespace()
+                .nth(2)
+                .and_then(parse_duration_us)
+                .unwrap_or(0.0);
+        }
+    }
+    let (Some(fin), Some(ok)) = (finished_us, succeeded) else {
+        bail!("cannot parse h2load output:\n{text}");
+    };
+    if ok == 0 {
+        bail!("h2load: no request succeeded:\n{text}");
+    }
+    Ok(H2Run {
+        rps: ok as f64 * 1e6 / fin,
+        mean_us,
+        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / ok as f64,
+        failed,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Streaming bodies
+
+/// `left` zero bytes in 64 KiB chunks (one shared buffer).
+struct Zeros {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl Body for Zeros {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Transfer {
+    baseline_kib: u64,
+    peak_kib: u64,
+    mib_per_s: f64,
+    cpu_s_per_gib: f64,
+}
+
+/// Downloads (`upload == false`) or uploads `bytes` through the proxy on
+/// `port`, one HTTP/3 request, reading VmHWM of `proxy` afterwards.
+fn transfer(env: &Env, proxy: &Proc, port: u16, bytes: u64, upload: bool) -> Result<Transfer> {
+    let rt = current_thread()?;
+    let opts = env.client_options(port);
+    rt.block_on(async {
+        let c = H3Client::connect(&url(port, "/"), &opts).await?;
+        // One small exchange first so the upstream connection exists.
+        let _ = c.get("/").await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let baseline_kib = proxy.rss_kib();
+        proxy.reset_peak()?;
+        let cpu0 = proxy.cpu_seconds();
+        let t0 = Instant::now();
+        let resp = if upload {
+            let req = Request::post("/sink")
+                .header(http::header::CONTENT_LENGTH, bytes)
+                .body(spooky::body::boxed(Zeros {
+                    left: bytes,
+                    chunk: Bytes::from(vec![0u8; 64 * 1024]),
+                }))?;
+            c.send(req).await?
+        } else {
+            let req = Request::get(format!("/bytes/{bytes}")).body(spooky::body::empty())?;
+            c.send(req).await?
+        };
+        let status = resp.status();
+        let mut body: ProxyBody = resp.into_body();
+        let mut got = 0u64;
+        let mut text = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.map_err(|e| anyhow::anyhow!(e))?.into_data() {
+                got += d.len() as u64;
+                if upload && text.len() < 4096 {
+                    text.extend_from_slice(&d);
+                }
+            }
+        }
+        let elapsed = t0.elapsed();
+        let cpu = proxy.cpu_seconds() - cpu0;
+        let peak_kib = proxy.peak_rss_kib();
+        if !status.is_success() {
+            bail!("transfer answered {status}");
+        }
+        if upload {
+            let text = String::from_utf8_lossy(&text);
+            if !text.contains(&format!("received {bytes} bytes")) {
+                bail!("upload: backend reports `{}`", text.trim());
+            }
+        } else if got != bytes {
+            bail!("download: got {got} of {bytes} bytes");
+        }
+        c.close().await;
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        Ok(Transfer {
+            baseline_kib,
+            peak_kib,
+            mib_per_s: bytes as f64 / (1u64 << 20) as f64 / elapsed.as_secs_f64(),
+            cpu_s_per_gib: cpu / gib,
+        })
+    })
+}
+
+/// RSS per idle HTTP/3 connection: `n` connections through the proxy,
+/// each after one request, held open; VmRSS delta / n.
+fn idle_connections(env: &Env, proxy: &Proc, port: u16, n: usize) -> Result<(f64, u64)> {
+    let rt = current_thread()?;
+    let opts = env.client_options(port);
+    let u = url(port, "/");
+    rt.block_on(async {
+        let warm = H3Client::connect(&u, &opts).await?;
+        warm.get("/").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = proxy.rss_kib();
+        let mut clients = Vec::with_capacity(n);
+        let batch = 50;
+        while clients.len() < n {
+            let k = batch.min(n - clients.len());
+            let mut pending = Vec::new();
+            for _ in 0..k {
+                let (u, opts) = (u.clone(), opts.clone());
+                pending.push(tokio::spawn(async move {
+                    let c = H3Client::connect(&u, &opts).await?;
+                    c.get("/").await?;
+                    Ok::<_, anyhow::Error>(c)
+                }));
+            }
+            for p in pending {
+                clients.push(p.await??);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = proxy.rss_kib();
+        let alive = clients
+            .iter()
+            .filter(|c| c.connection().close_reason().is_none())
+            .count();
+        if alive < n {
+            bail!("only {alive} of {n} idle connections stayed open");
+        }
+        for c in clients {
+            c.close().await;
+        }
+        warm.close().await;
+        Ok((after.saturating_sub(before) as f64 / n as f64, before))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and the table
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Samples per (metric, target), in insertion order of the metrics.
+#[derive(Default)]
+struct Table {
+    order: Vec<(String, &'static str, bool)>,
+    samples: BTreeMap<(String, String), Vec<f64>>,
+    notes: Vec<String>,
+}
+
+impl Table {
+    /// `lower_better` drives the "better" column only.
+    fn add(&mut self, metric: &str, unit: &'static str, lower_better: bool, target: &str, v: f64) {
+        if !self.order.iter().any(|(m, _, _)| m == metric) {
+            self.order.push((metric.to_owned(), unit, lower_better));
+        }
+        self.samples
+            .entry((metric.to_owned(), target.to_owned()))
+            .or_default()
+            .push(v);
+    }
+
+    fn get(&self, metric: &str, target: &str) -> Option<f64> {
+        self.samples
+            .get(&(metric.to_owned(), target.to_owned()))
+            .map(|v| median(v.clone()))
+    }
+
+    fn render(&self) -> String {
+        let fmt = |v: Option<f64>| match v {
+            None => "-".to_owned(),
+            Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
+            Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+            Some(v) => format!("{v:.2}"),
+        };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<34} {:>11} {:>11} {:>8}  {:<10} {:>11}",
+            "metric (median)", "spooky", "caddy", "ratio", "better", "baseline"
+        );
+        let _ = writeln!(s, "{}", "-".repeat(92));
+        for (metric, unit, lower) in &self.order {
+            let a = self.get(metric, "spooky");
+            let b = self.get(metric, "caddy");
+            let base = self.get(metric, "baseline");
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                _ => "-".to_owned(),
+            };
+            let name = format!("{metric} ({unit})");
+            let _ = writeln!(
+                s,
+                "{:<34} {:>11} {:>11} {:>8}  {:<10} {:>11}",
+                name,
+                fmt(a),
+                fmt(b),
+                ratio,
+                if *lower { "lower" } else { "higher" },
+                fmt(base)
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "{n}");
+        }
+        s
+    }
+}
+
+/// Rotates `targets` by `round` so every target goes first in turn.
+fn rotated<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
+    let mut v = targets.to_vec();
+    if !v.is_empty() {
+        let k = round % v.len();
+        v.rotate_left(k);
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Sections
+
+fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
+    let (nginx, nginx_port) = env.nginx()?;
+    let (spooky, sp) = env.spooky(nginx_port)?;
+    let (caddy, cp) = env.caddy(nginx_port)?;
+    let (direct, dp) = env.demo_backend("http3")?;
+    println!(
+        "\n== h3: {} connections x {} streams, {} s per run, {} client threads, GET / -> nginx `hello\\n` (HTTP/1.1 keep-alive)",
+        o.conns, o.streams, o.seconds, o.client_threads
+    );
+    println!("   baseline: same client straight to spooky's HTTP/3 demo backend (no proxy)");
+    let targets: [(&str, &Proc, u16, Option<u32>); 3] = [
+        ("spooky", &spooky, sp, Some(nginx.pid())),
+        ("caddy", &caddy, cp, Some(nginx.pid())),
+        ("baseline", &direct, dp, None),
+    ];
+    for round in 0..o.rounds {
+        for (name, proc_, port, backend) in rotated(&targets, round) {
+            let r = h3_load(
+                port,
+                &env.client_options(port),
+                "/",
+                o.conns,
+                o.streams,
+                o.client_threads,
+                Duration::from_secs(o.seconds),
+                proc_.pid(),
+                backend,
+            )
+            .with_context(|| format!("h3 load through {name}"))?;
+            println!(
+                "   round {} {:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  mean {:>7.0} us  cpu {:>6.1} us/req  nginx cpu {:>5.1} us/req  ({} ok, {} errors)",
+                round + 1,
+                name,
+                r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.mean_us,
+                r.cpu_us_per_req,
+                r.backend_cpu_us_per_req,
+                r.requests,
+                r.errors
+            );
+            table.add("h3 requests/s", "req/s", false, name, r.rps);
+            table.add("h3 p50 latency", "us", true, name, r.p50_us);
+            table.add("h3 p99 latency", "us", true, name, r.p99_us);
+            table.add(
+                "h3 proxy CPU per request",
+                "us",
+                true,
+                name,
+                r.cpu_us_per_req,
+            );
+            if backend.is_some() {
+                table.add(
+                    "h3 nginx CPU per request",
+                    "us",
+                    true,
+                    name,
+                    r.backend_cpu_us_per_req,
+                );
+            }
+            table.add("h3 errors", "count", true, name, r.errors as f64);
+        }
+    }
+    table.notes.push(format!(
+        "h3: {} conns x {} streams, {} s x {} rounds, GET / (6-byte body) via nginx HTTP/1.1; baseline = h3 demo backend direct, its CPU column is the server's",
+        o.conns, o.streams, o.seconds, o.rounds
+    ));
+    Ok(())
+}
+
+fn section_h2(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
+    if !have("h2load") {
+        println!("\nSKIP h2: h2load is not installed (apt-get install nghttp2-client)");
+        return Ok(());
+    }
+    let (nginx, nginx_port) = env.nginx()?;
+    let (spooky, sp) = env.spooky(nginx_port)?;
+    let (caddy, cp) = env.caddy(nginx_port)?;
+    println!(
+        "\n== h2: h2load -c {} -m {} -D {} (TLS, one h2load thread), GET / -> nginx; baseline: h2load --h1 -c {} straight to nginx",
+        o.h2_conns, o.h2_streams, o.seconds, o.h2_conns
+    );
+    let c = o.h2_conns.to_string();
+    let m = o.h2_streams.to_string();
+    let targets: [(&str, u32, String, bool); 3] = [
+        (
+            "spooky",
+            spooky.pid(),
+            format!("https://127.0.0.1:{sp}/"),
+            false,
+        ),
+        (
+            "caddy",
+            caddy.pid(),
+            format!("https://127.0.0.1:{cp}/"),
+            false,
+        ),
+        (
+            "baseline",
+            nginx.pid(),
+            format!("http://127.0.0.1:{nginx_port}/"),
+            true,
+        ),
+    ];
+    // One short warm-up each (TLS session set-up, upstream pools).
+    for (_, pid, u, h1) in &targets {
+        let args: Vec<&str> = if *h1 {
+            vec!["--h1", "-c", &c]
+        } else {
+            vec!["-c", &c, "-m", &m]
+        };
+        h2load(&args, u, 1, *pid)?;
+    }
+    for round in 0..o.rounds {
+        for (name, pid, u, h1) in rotated(&targets, round) {
+            let args: Vec<&str> = if h1 {
+                vec!["--h1", "-c", &c]
+            } else {
+                vec!["-c", &c, "-m", &m]
+            };
+            let r = h2load(&args, &u, o.seconds, pid).with_context(|| format!("h2load {name}"))?;
+            println!(
+                "   round {} {:<8} {:>9.0} req/s  mean {:>7.0} us  cpu {:>6.1} us/req  ({} failed)",
+                round + 1,
+                name,
+                r.rps,
+                r.mean_us,
+                r.cpu_us_per_req,
+                r.failed
+            );
+            table.add("h2 requests/s", "req/s", false, name, r.rps);
+            table.add("h2 mean latency", "us", true, name, r.mean_us);
+            table.add(
+                "h2 proxy CPU per request",
+                "us",
+                true,
+                name,
+                r.cpu_us_per_req,
+            );
+            table.add("h2 failed", "count", true, name, r.failed as f64);
+        }
+    }
+    drop((spooky, caddy, nginx));
+    table.notes.push(format!(
+        "h2: h2load -c {} -m {} over TLS, {} s x {} rounds; baseline = nginx direct over HTTP/1.1 (h2load --h1 -c {}), its CPU column is nginx's",
+        o.h2_conns, o.h2_streams, o.seconds, o.rounds, o.h2_conns
+    ));
+    Ok(())
+}
+
+fn section_memory(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
+    let (backend, bp) = env.demo_backend("http1")?;
+    let bytes = o.body_mib << 20;
+    println!(
+        "\n== memory: fresh proxy per measurement; {} MiB download (/bytes/N) and upload (/sink) over one HTTP/3 stream; {} idle HTTP/3 connections; backend: spooky demo-backend over HTTP/1.1",
+        o.body_mib, o.idle_conns
+    );
+    type Start<'a> = &'a dyn Fn(u16) -> Result<(Proc, u16)>;
+    let start_spooky = |b| env.spooky(b);
+    let start_caddy = |b| env.caddy(b);
+    let targets: [(&str, Start); 2] = [("spooky", &start_spooky), ("caddy", &start_caddy)];
+    let dl = format!("{} MiB download", o.body_mib);
+    let ul = format!("{} MiB upload", o.body_mib);
+    for round in 0..o.rounds {
+        for (name, start) in rotated(&targets, round) {
+            for upload in [false, true] {
+                let (p, port) = start(bp)?;
+                let t = transfer(env, &p, port, bytes, upload).with_context(|| {
+                    format!(
+                        "{} through {name}",
+                        if upload { "upload" } else { "download" }
+                    )
+                })?;
+                let what = if upload { &ul } else { &dl };
+                println!(
+                    "   round {} {:<7} {:<18} peak RSS {:>7} KiB (idle {:>6} KiB)  {:>7.1} MiB/s  {:>5.2} CPU s/GiB",
+                    round + 1,
+                    name,
+                    what,
+                    t.peak_kib,
+                    t.baseline_kib,
+                    t.mib_per_s,
+                    t.cpu_s_per_gib
+                );
+                table.add(
+                    &format!("{what}: peak RSS"),
+                    "MiB",
+                    true,
+                    name,
+                    t.peak_kib as f64 / 1024.0,
+                );
+                table.add(&format!("{what}: rate"), "MiB/s", false, name, t.mib_per_s);
+                table.add(
+                    &format!("{what}: proxy CPU"),
+                    "s/GiB",
+                    true,
+                    name,
+                    t.cpu_s_per_gib,
+                );
+                drop(p);
+            }
+            let (p, port) = start(bp)?;
+            let (per_conn, before) = idle_connections(env, &p, port, o.idle_conns)
+                .with_context(|| format!("idle connections through {name}"))?;
+            println!(
+                "   round {} {:<7} {} idle conns: {:>6.1} KiB/conn (RSS before {} KiB)",
+                round + 1,
+                name,
+                o.idle_conns,
+                per_conn,
+                before
+            );
+            table.add("RSS per idle h3 connection", "KiB", true, name, per_conn);
+            table.add(
+                "idle RSS after start",
+                "MiB",
+                true,
+                name,
+                before as f64 / 1024.0,
+            );
+        }
+    }
+    drop(backend);
+    table.notes.push(format!(
+        "memory: {} MiB bodies over one HTTP/3 stream (peak = VmHWM reset before the transfer), {} idle connections (each after one GET), {} rounds",
+        o.body_mib, o.idle_conns, o.rounds
+    ));
+    Ok(())
+}
+
+fn raise_nofile() {
+    // SAFETY: plain get/setrlimit on this process.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max.min(65536);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without --bench.
+        println!(
+            "proxy bench: run it with `cargo xtask bench` or `cargo bench -p spooky --bench proxy`"
+        );
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("proxy bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let o = Opts::parse(args)?;
+    let mut missing = Vec::new();
+    for tool in ["caddy", "nginx"] {
+        if !have(tool) {
+            missing.push(tool);
+        }
+    }
+    if !missing.is_empty() {
+        println!(
+            "SKIP proxy bench: {} not installed (apt-get install caddy nginx nghttp2-client)",
+            missing.join(", ")
+        );
+        return Ok(());
+    }
+    raise_nofile();
+    let env = Env::new(o.default_pools)?;
+    println!(
+        "proxy bench: spooky {} vs caddy ({}); {} rounds, targets interleaved and rotated each round",
+        env.spooky.display(),
+        Command::new("caddy")
+            .arg("version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default(),
+        o.rounds
+    );
+    let _ = std::io::stdout().flush();
+    let mut table = Table::default();
+    table.notes.push(if o.default_pools {
+        "pools: both proxies' backend keep-alive pools at their defaults (spooky 8 idle per worker, caddy 32 per host)".to_owned()
+    } else {
+        format!("pools: both proxies keep up to {POOL_IDLE} idle backend connections (no churn); --default-pools for stock settings")
+    });
+    if o.wants("h3") {
+        section_h3(&env, &o, &mut table)?;
+    }
+    if o.wants("h2") {
+        section_h2(&env, &o, &mut table)?;
+    }
+    if o.wants("memory") {
+        section_memory(&env, &o, &mut table)?;
+    }
+    println!("\n{}", table.render());
+    Ok(())
+}
