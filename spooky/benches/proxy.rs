@@ -1315,7 +1315,7 @@ fn run(args: &[String]) -> Result<()> {
     let _ = std::io::stdout().flush();
     let mut table = Table::default();
     table.notes.push(if o.default_pools {
-        "pools: both proxies' backend keep-alive pools at their defaults (spooky 8 idle per worker, caddy 32 per host)".to_owned()
+        "pools: both proxies' backend keep-alive pools at their defaults (spooky 8 x 100 idle per worker for HTTP/1.1, caddy 32 per host)".to_owned()
     } else {
         format!("pools: both proxies keep up to {POOL_IDLE} idle backend connections (no churn); --default-pools for stock settings")
     });
