@@ -49,23 +49,7 @@ async fn exercise(sp: &Spooky, expect_version: &str, expect_host_header: bool) {
     assert!(text.contains("via: 3 spooky"), "{text}");
 
     // 16 MiB down and up, streamed (chunked towards HTTP/1.1: no length).
-    let n = 16u64 << 20;
-    let resp = client
-        .send(
-            Request::get(format!("/bytes/{n}"))
-                .body(body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut b = resp.into_body();
-    let mut got = 0u64;
-    while let Some(f) = b.frame().await {
-        let d = f.unwrap().into_data().unwrap();
-        assert_pattern_at(got, &d);
-        got += d.len() as u64;
-    }
-    assert_eq!(got, n);
+    download_checked(&client, 16 << 20).await;
     let chunk = Bytes::from(vec![3u8; 64 * 1024]);
     let frames =
         (0..256).map(move |_| Ok::<_, body::BoxError>(http_body::Frame::data(chunk.clone())));

@@ -84,23 +84,7 @@ async fn sixty_four_mib_each_way_with_bounded_memory() {
 
     let t0 = std::time::Instant::now();
     // Download, checked byte for byte as it streams.
-    let resp = client
-        .send(
-            Request::get(format!("/bytes/{SIZE}"))
-                .body(body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        let data = frame.unwrap().into_data().unwrap();
-        assert_pattern_at(n, &data);
-        n += data.len() as u64;
-    }
-    assert_eq!(n, SIZE);
+    download_checked(&client, SIZE).await;
     eprintln!("download done after {:?}", t0.elapsed());
 
     // Upload, streamed from a generator (never held in memory here either).

@@ -468,3 +468,22 @@ fn spawn_and_wait(mut cmd: Command, name: &str, ready: &str) -> Proc {
     out.wait_for(ready, Duration::from_secs(30), &mut p.child, name);
     p
 }
+
+/// GETs `/bytes/N` on `client` and checks every byte of the streamed body
+/// against the demo pattern as it arrives.
+pub async fn download_checked(client: &spooky::client::H3Client, n: u64) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("/bytes/{n}"))
+        .body(spooky::body::empty())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        assert_pattern_at(got, &data);
+        got += data.len() as u64;
+    }
+    assert_eq!(got, n);
+}
