@@ -579,3 +579,50 @@ async fn admin_serves_metrics_health_and_readiness() {
     assert!(http_get(admin, "/readyz").starts_with("HTTP/1.1 200"));
     assert!(http_get(admin, "/nope").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn a_malformed_request_ends_only_its_stream() {
+    let Some(python) = python() else { return };
+    let certs = certs();
+    let (_b, a) = backend("mf", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("mf", a)], "");
+    let sp = spooky(&config(&up, ""));
+    let out = std::process::Command::new(python)
+        .arg(script("h3_get.py"))
+        .args(["--ca", sp.cert().to_str().unwrap()])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sp.port.to_string(),
+            "--sni",
+            "localhost",
+        ])
+        .args(["--malformed-first", "--path", "/", "--count", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "malformed stream 0 sent", "{stdout}");
+    // The same connection still serves requests.
+    assert_eq!(
+        &lines[1..],
+        &["200 14 bytes hello from mf", "200 14 bytes hello from mf"],
+        "{stdout}"
+    );
+    // ...and the malformed one never became a request.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let served = sp
+        .proc
+        .out
+        .lines()
+        .iter()
+        .filter(|l| l.contains("spooky::access"))
+        .count();
+    assert_eq!(served, 2, "{:#?}", sp.proc.out.lines());
+}

@@ -71,6 +71,11 @@ async def main():
     p.add_argument("--path", default="/")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--concurrent", action="store_true")
+    p.add_argument(
+        "--malformed-first",
+        action="store_true",
+        help="first send a request without :path (malformed, RFC 9114 4.3.1) on its own stream",
+    )
     a = p.parse_args()
 
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=a.sni)
@@ -79,6 +84,15 @@ async def main():
     authority = f"{a.sni}:{a.port}".encode()
     async with connect(a.host, a.port, configuration=cfg, create_protocol=Client) as client:
         path = a.path.encode()
+        if a.malformed_first:
+            sid = client._quic.get_next_available_stream_id()
+            # aioquic's H3Connection validates headers it sends, so write the
+            # HEADERS frame's QPACK block ourselves: :method GET, :scheme https
+            # (static table 17 and 23), nothing else.
+            client._quic.send_stream_data(sid, bytes([0x01, 0x04, 0x00, 0x00, 0xD1, 0xD7]), end_stream=True)
+            client.transmit()
+            await asyncio.sleep(0.2)
+            print(f"malformed stream {sid} sent")
         if a.concurrent:
             results = await asyncio.gather(*(client.request(authority, path) for _ in range(a.count)))
         else:
