@@ -5,6 +5,7 @@
 //! Every adapter pulls one frame at a time, so a body costs at most one
 //! chunk plus the transport's flow-control window, whatever its length.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -220,7 +221,8 @@ impl<B> IdleTimeout<B> {
 
 impl<B> Body for IdleTimeout<B>
 where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -234,7 +236,7 @@ where
             Poll::Ready(frame) => {
                 let deadline = Instant::now() + this.idle;
                 this.timer.as_mut().reset(deadline);
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
                 ready!(this.timer.as_mut().poll(cx));
@@ -251,8 +253,6 @@ where
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
 
 /// Fails a body once it has carried more than `limit` bytes of data.
 pub struct Limited<B> {
@@ -410,44 +410,6 @@ impl<S: h3::quic::SendStream<Bytes>> H3SendHalf<S> {
             H3SendHalf::Server(s) => s.stop_stream(code),
             H3SendHalf::Client(s) => s.stop_stream(code),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_timeout_fires_on_a_stalled_body() {
-        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let stalled = http_body_util::StreamBody::new(tokio_stream_from(rx));
-        let mut body = IdleTimeout::new(boxed(stalled), Duration::from_secs(5));
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert!(err.to_string().contains("no body data"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn limited_fails_past_the_limit() {
-        let mut body = Limited::new(full(vec![0u8; 10]), 9);
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(too_large_limit(err.as_ref()), Some(9));
-        let mut ok = Limited::new(full(vec![0u8; 10]), 10);
-        assert_eq!(
-            ok.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            10
-        );
-    }
-
-    fn tokio_stream_from(
-        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + Unpin {
-        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
 }
 
@@ -642,8 +604,41 @@ where
 }
 
 #[cfg(test)]
-mod replay_tests {
+mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fires_on_a_stalled_body() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stalled = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let mut body = IdleTimeout::new(boxed(stalled), Duration::from_secs(5));
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("no body data"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn limited_fails_past_the_limit() {
+        let mut body = Limited::new(full(vec![0u8; 10]), 9);
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(too_large_limit(err.as_ref()), Some(9));
+        let mut ok = Limited::new(full(vec![0u8; 10]), 10);
+        assert_eq!(
+            ok.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            10
+        );
+    }
+
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
 
     fn chunks(n: usize, size: usize) -> ProxyBody {
         let frames =

@@ -10,7 +10,7 @@ use std::time::Instant;
 use spooky_common::maps::XdpCounter;
 
 use crate::health::{BreakerState, HealthState};
-use crate::upstream::SharedUpstreams;
+use crate::upstream::{SharedBackend, SharedUpstream, SharedUpstreams};
 
 /// Client protocols, for per-protocol counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,146 +204,175 @@ pub fn render(s: &Scrape<'_>) -> String {
     }
 
     let now = Instant::now();
-    let mut per_backend: Vec<(String, String)> = Vec::new();
-    let fams: [(&str, &str, &str); 10] = [
-        (
-            "spooky_backend_requests_total",
-            "counter",
-            "Tries sent to the backend (retries included).",
-        ),
-        (
-            "spooky_backend_responses_total",
-            "counter",
-            "Backend responses by status class.",
-        ),
-        (
-            "spooky_backend_failures_total",
-            "counter",
-            "Tries that failed before a response, by kind.",
-        ),
-        (
-            "spooky_backend_retries_total",
-            "counter",
-            "Tries that retried an earlier failure.",
-        ),
-        ("spooky_backend_in_flight", "gauge", "Requests in flight."),
-        (
-            "spooky_backend_healthy",
-            "gauge",
-            "1 when active health checks route traffic to the backend.",
-        ),
-        (
-            "spooky_backend_health_state",
-            "gauge",
-            "Active-check state (1 for the current one).",
-        ),
-        (
-            "spooky_backend_ejected",
-            "gauge",
-            "1 while outlier detection ejects the backend.",
-        ),
-        (
-            "spooky_backend_ejections_total",
-            "counter",
-            "Outlier ejections so far.",
-        ),
-        (
-            "spooky_backend_circuit_state",
-            "gauge",
-            "Circuit breaker state (1 for the current one).",
-        ),
-    ];
-    for up in &s.upstreams.upstreams {
-        for (bi, b) in up.backends.iter().enumerate() {
-            let l = format!(
-                "upstream=\"{}\",backend=\"{}\"",
-                esc(&up.cfg.name),
-                esc(&b.cfg.id)
-            );
-            let c = &b.counters;
-            let mut lines = vec![format!(
-                "spooky_backend_requests_total{{{l}}} {}",
-                c.requests.load(Ordering::Relaxed)
-            )];
-            for (i, cl) in CLASSES.iter().enumerate() {
-                lines.push(format!(
-                    "spooky_backend_responses_total{{{l},class=\"{cl}\"}} {}",
-                    c.responses[i].load(Ordering::Relaxed)
-                ));
+    // (labels, upstream, backend index, backend) for every backend.
+    let backends: Vec<_> = s
+        .upstreams
+        .upstreams
+        .iter()
+        .flat_map(|up| {
+            up.backends.iter().enumerate().map(move |(bi, b)| {
+                let l = format!(
+                    "upstream=\"{}\",backend=\"{}\"",
+                    esc(&up.cfg.name),
+                    esc(&b.cfg.id)
+                );
+                (l, up, bi, b)
+            })
+        })
+        .collect();
+    // One family at a time, one line (or a few) per backend.
+    let mut family =
+        |name: &str,
+         kind: &str,
+         help: &str,
+         line: &dyn Fn(&mut String, &str, &SharedUpstream, usize, &SharedBackend)| {
+            header(&mut out, name, kind, help);
+            for (l, up, bi, b) in &backends {
+                line(&mut out, l, up, *bi, b);
             }
+        };
+    family(
+        "spooky_backend_requests_total",
+        "counter",
+        "Tries sent to the backend (retries included).",
+        &|o, l, _, _, b| {
+            let _ = writeln!(
+                o,
+                "spooky_backend_requests_total{{{l}}} {}",
+                b.counters.requests.load(Ordering::Relaxed)
+            );
+        },
+    );
+    family(
+        "spooky_backend_responses_total",
+        "counter",
+        "Backend responses by status class.",
+        &|o, l, _, _, b| {
+            for (i, cl) in CLASSES.iter().enumerate() {
+                let v = b.counters.responses[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    o,
+                    "spooky_backend_responses_total{{{l},class=\"{cl}\"}} {v}"
+                );
+            }
+        },
+    );
+    family(
+        "spooky_backend_failures_total",
+        "counter",
+        "Tries that failed before a response, by kind.",
+        &|o, l, _, _, b| {
+            let c = &b.counters;
             for (kind, v) in [
                 ("connect", &c.connect_failures),
                 ("reset", &c.resets),
                 ("timeout", &c.timeouts),
             ] {
-                lines.push(format!(
+                let _ = writeln!(
+                    o,
                     "spooky_backend_failures_total{{{l},kind=\"{kind}\"}} {}",
                     v.load(Ordering::Relaxed)
-                ));
+                );
             }
-            lines.push(format!(
+        },
+    );
+    family(
+        "spooky_backend_retries_total",
+        "counter",
+        "Tries that retried an earlier failure.",
+        &|o, l, _, _, b| {
+            let _ = writeln!(
+                o,
                 "spooky_backend_retries_total{{{l}}} {}",
-                c.retries.load(Ordering::Relaxed)
-            ));
-            lines.push(format!(
-                "spooky_backend_in_flight{{{l}}} {}",
-                b.stats.in_flight()
-            ));
-            let state = b.health();
-            lines.push(format!(
+                b.counters.retries.load(Ordering::Relaxed)
+            );
+        },
+    );
+    family(
+        "spooky_backend_in_flight",
+        "gauge",
+        "Requests in flight.",
+        &|o, l, _, _, b| {
+            let _ = writeln!(o, "spooky_backend_in_flight{{{l}}} {}", b.stats.in_flight());
+        },
+    );
+    family(
+        "spooky_backend_healthy",
+        "gauge",
+        "1 when active health checks route traffic to the backend.",
+        &|o, l, _, _, b| {
+            let _ = writeln!(
+                o,
                 "spooky_backend_healthy{{{l}}} {}",
-                u8::from(state.is_routable())
-            ));
+                u8::from(b.health().is_routable())
+            );
+        },
+    );
+    family(
+        "spooky_backend_health_state",
+        "gauge",
+        "Active-check state (1 for the current one).",
+        &|o, l, _, _, b| {
+            let state = b.health();
             for (st, name) in [
                 (HealthState::Healthy, "healthy"),
                 (HealthState::Degraded, "degraded"),
                 (HealthState::Unhealthy, "unhealthy"),
                 (HealthState::Recovering, "recovering"),
             ] {
-                lines.push(format!(
+                let _ = writeln!(
+                    o,
                     "spooky_backend_health_state{{{l},state=\"{name}\"}} {}",
                     u8::from(state == st)
-                ));
+                );
             }
-            let (ejected, times) = up
+        },
+    );
+    family(
+        "spooky_backend_ejected",
+        "gauge",
+        "1 while outlier detection ejects the backend.",
+        &|o, l, up, bi, _| {
+            let ejected = up.outliers.as_ref().is_some_and(|p| p.is_ejected(bi, now));
+            let _ = writeln!(o, "spooky_backend_ejected{{{l}}} {}", u8::from(ejected));
+        },
+    );
+    family(
+        "spooky_backend_ejections_total",
+        "counter",
+        "Outlier ejections so far.",
+        &|o, l, up, bi, _| {
+            let times = up
                 .outliers
                 .as_ref()
-                .and_then(|o| o.host(bi))
-                .map_or((false, 0), |h| (h.is_ejected(now), h.times_ejected()));
-            lines.push(format!(
-                "spooky_backend_ejected{{{l}}} {}",
-                u8::from(ejected)
-            ));
-            lines.push(format!("spooky_backend_ejections_total{{{l}}} {times}"));
-            let bs = b.breaker.as_ref().map(|br| br.state(now));
+                .and_then(|p| p.host(bi))
+                .map_or(0, |h| h.times_ejected());
+            let _ = writeln!(o, "spooky_backend_ejections_total{{{l}}} {times}");
+        },
+    );
+    family(
+        "spooky_backend_circuit_state",
+        "gauge",
+        "Circuit breaker state (1 for the current one).",
+        &|o, l, _, _, b| {
+            // No breaker configured reads as always closed.
+            let current = b
+                .breaker
+                .as_ref()
+                .map_or(BreakerState::Closed, |br| br.state(now));
             for (st, name) in [
                 (BreakerState::Closed, "closed"),
                 (BreakerState::Open, "open"),
                 (BreakerState::HalfOpen, "half_open"),
             ] {
-                let v = match bs {
-                    Some(cur) => u8::from(cur == st),
-                    None => u8::from(st == BreakerState::Closed),
-                };
-                lines.push(format!(
-                    "spooky_backend_circuit_state{{{l},state=\"{name}\"}} {v}"
-                ));
+                let _ = writeln!(
+                    o,
+                    "spooky_backend_circuit_state{{{l},state=\"{name}\"}} {}",
+                    u8::from(current == st)
+                );
             }
-            for line in lines {
-                let fam = line.split('{').next().unwrap_or_default().to_owned();
-                per_backend.push((fam, line));
-            }
-        }
-    }
-    for (name, kind, help) in fams {
-        header(&mut out, name, kind, help);
-        for (fam, line) in &per_backend {
-            if fam == name {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
+        },
+    );
 
     if let Some(x) = &s.xdp {
         header(

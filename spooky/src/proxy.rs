@@ -17,6 +17,22 @@ use crate::config::Config;
 use crate::routing;
 use crate::upstream::{ForwardError, WorkerUpstreams};
 
+/// The parts of a request the access log names.
+#[derive(Clone, Copy)]
+struct Logged<'a> {
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+}
+
+impl<'a> Logged<'a> {
+    fn of(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+        }
+    }
+}
+
 /// What the proxy knows about the client side of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Downstream {
@@ -165,7 +181,7 @@ impl Proxy {
                     &rid,
                     id_header,
                 ),
-                &parts,
+                Logged::of(&parts),
                 &down,
                 &rid,
                 None,
@@ -192,7 +208,7 @@ impl Proxy {
                         &rid,
                         id_header,
                     ),
-                    &parts,
+                    Logged::of(&parts),
                     &down,
                     &rid,
                     Some(&upstream.name),
@@ -205,7 +221,6 @@ impl Proxy {
         }
 
         // Upstream request headers.
-        let client_headers = parts.headers.clone();
         let h = &mut parts.headers;
         strip_hop_by_hop(h, true);
         append_forwarded_for(h, down.peer);
@@ -243,13 +258,15 @@ impl Proxy {
             parts.headers.remove(header::HOST);
         }
 
-        let info = crate::balancer::RequestInfo {
-            client_ip: down.peer.ip().to_canonical(),
-            path: &path,
-            headers: &client_headers,
+        // What the access log needs; the request itself moves on.
+        let logged = (parts.method.clone(), parts.uri.clone());
+        let req = Request::from_parts(parts, body);
+        let client_ip = down.peer.ip().to_canonical();
+        let result = self.upstreams.forward(route.upstream, req, client_ip).await;
+        let parts = Logged {
+            method: &logged.0,
+            uri: &logged.1,
         };
-        let req = Request::from_parts(parts.clone(), body);
-        let result = self.upstreams.forward(route.upstream, req, &info).await;
         match result {
             Ok(fwd) => {
                 let (mut rparts, rbody) = fwd.response.into_parts();
@@ -268,7 +285,7 @@ impl Proxy {
                 let rbody = body::boxed(IdleTimeout::new(rbody, upstream.timeouts.idle));
                 self.finish(
                     Response::from_parts(rparts, rbody),
-                    &parts,
+                    parts,
                     &down,
                     &rid,
                     Some(&upstream.name),
@@ -290,7 +307,7 @@ impl Proxy {
                 }
                 self.finish(
                     resp,
-                    &parts,
+                    parts,
                     &down,
                     &rid,
                     Some(&upstream.name),
@@ -306,7 +323,7 @@ impl Proxy {
     fn finish(
         &self,
         resp: Response<ProxyBody>,
-        req: &http::request::Parts,
+        req: Logged<'_>,
         down: &Downstream,
         rid: &HeaderValue,
         upstream: Option<&str>,

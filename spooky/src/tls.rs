@@ -46,6 +46,8 @@ pub enum TlsError {
     NoSystemRoots,
     #[error("QUIC rejects this TLS config: {0}")]
     Quic(String),
+    #[error("client CA cannot verify client certificates: {0}")]
+    ClientVerifier(String),
 }
 
 /// The process-wide crypto provider (ring).
@@ -193,7 +195,7 @@ pub fn server_config(
                 provider(),
             )
             .build()
-            .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
+            .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

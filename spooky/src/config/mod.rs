@@ -145,6 +145,16 @@ pub struct Upstream {
     pub timeouts: Timeouts,
 }
 
+impl Upstream {
+    /// The name `backend` is verified against (and sent as SNI): `tls.sni`,
+    /// else the backend's host.
+    pub fn server_name(&self, backend: &Backend) -> String {
+        self.sni
+            .clone()
+            .unwrap_or_else(|| backend.addr.host.clone())
+    }
+}
+
 /// A resolved route.
 #[derive(Debug, Clone)]
 pub struct Route {

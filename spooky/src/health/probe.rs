@@ -28,7 +28,7 @@ pub fn start(upstreams: &Arc<SharedUpstreams>) -> Vec<JoinHandle<()>> {
         }
     };
     let mut tasks = Vec::new();
-    for (ui, up) in upstreams.upstreams.iter().enumerate() {
+    for up in &upstreams.upstreams {
         for (bi, backend) in up.backends.iter().enumerate() {
             let Some(cfg) = backend
                 .cfg
@@ -39,7 +39,7 @@ pub fn start(upstreams: &Arc<SharedUpstreams>) -> Vec<JoinHandle<()>> {
                 continue;
             };
             let up = up.clone();
-            tasks.push(tokio::spawn(run(up, bi, cfg, endpoint.clone(), ui)));
+            tasks.push(tokio::spawn(run(up, bi, cfg, endpoint.clone())));
         }
     }
     tasks
@@ -53,14 +53,17 @@ async fn run(
     bi: usize,
     cfg: ActiveHealthConfig,
     endpoint: quinn::Endpoint,
-    _ui: usize,
 ) {
     let backend = &up.backends[bi];
     let label = format!("{} (health)", backend.label);
     let connect = || up.backend_client(bi, label.clone(), &endpoint, PROBE_HEADER_BYTES);
     let Some(mut pool) = connect() else { return };
     let mut machine = HealthMachine::new(&cfg);
-    let authority = format!("{}:{}", up.server_name(&backend.cfg), backend.cfg.addr.port);
+    let authority = format!(
+        "{}:{}",
+        up.cfg.server_name(&backend.cfg),
+        backend.cfg.addr.port
+    );
     let uri = format!("https://{authority}{}", cfg.path);
     let first = machine.first_probe_delay(&mut rand::rng());
     tokio::time::sleep(first).await;

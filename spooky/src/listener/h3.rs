@@ -121,7 +121,7 @@ async fn serve_request(
         .and_then(|v| v.parse().ok());
     let idle = proxy.config.timeouts.idle;
     let body = body::boxed(IdleTimeout::new(
-        body::boxed(H3Body::new(recv, content_length, None)),
+        H3Body::new(recv, content_length, None),
         idle,
     ));
     let req = req.map(|()| body);

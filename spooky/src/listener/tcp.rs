@@ -154,7 +154,7 @@ async fn serve_connection(
                 _ => "1.1",
             };
             let (parts, incoming) = req.into_parts();
-            let body = body::boxed(IdleTimeout::new(body::boxed(incoming), idle));
+            let body = body::boxed(IdleTimeout::new(incoming, idle));
             let down = Downstream {
                 peer,
                 via_version,

@@ -84,7 +84,7 @@ impl BackendClient {
         quic_endpoint: &quinn::Endpoint,
         max_header_bytes: u64,
     ) -> Self {
-        let server_name = u.sni.clone().unwrap_or_else(|| backend.addr.host.clone());
+        let server_name = u.server_name(backend);
         match transport {
             Transport::Quic(cc) => BackendClient::H3(BackendPool::new(
                 label,
@@ -161,22 +161,6 @@ impl BackendClient {
     pub fn close_all(&self) {
         if let BackendClient::H3(p) = self {
             p.close_all();
-        }
-    }
-
-    /// Live connections.
-    pub fn connections(&self) -> usize {
-        match self {
-            BackendClient::H3(p) => p.connections(),
-            BackendClient::Tcp(p) => p.connections(),
-        }
-    }
-
-    /// `via` version token of this backend's protocol.
-    pub fn via_version(&self) -> &'static str {
-        match self {
-            BackendClient::H3(_) => "3",
-            BackendClient::Tcp(p) => p.via_version(),
         }
     }
 }

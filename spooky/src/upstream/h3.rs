@@ -113,14 +113,6 @@ impl BackendPool {
         }
     }
 
-    /// Number of live connections (for tests and metrics).
-    pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .map(|c| c.iter().filter(|c| c.usable()).count())
-            .unwrap_or(0)
-    }
-
     /// Sends `req` and returns the response with a streaming body. The
     /// request body is streamed by a task of its own. When the request
     /// never left spooky (no connection, stream refused), it comes back

@@ -113,8 +113,7 @@ pub struct SharedBackend {
     pub label: String,
     /// In-flight requests and latency EWMA, for the balancers.
     pub stats: Arc<BackendStats>,
-    /// Published by the active health checker.
-    routable: AtomicBool,
+    /// Published by the active health checker (a `HealthState` code).
     health: AtomicU8,
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// Requests, responses and failures, for metrics.
@@ -144,7 +143,6 @@ impl SharedBackend {
             HealthState::Recovering => 3,
         };
         self.health.store(v, Ordering::Release);
-        self.routable.store(state.is_routable(), Ordering::Release);
     }
 
     /// Tells every worker to replace its pool for this backend before its
@@ -179,34 +177,29 @@ pub struct SharedUpstream {
 }
 
 impl SharedUpstream {
-    /// Healthy by active checks and not ejected: what panic mode counts.
-    fn healthy(&self, now: Instant) -> Vec<bool> {
-        self.backends
+    /// The backends a request may go to now: the healthy ones (active
+    /// checks, not ejected; all of them in panic mode) whose circuit
+    /// breaker admits a request. `Err` is the 503 to answer when there are
+    /// none.
+    fn candidates(&self, now: Instant) -> Result<Vec<bool>, ForwardError> {
+        let mut eligible: Vec<bool> = self
+            .backends
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                b.routable.load(Ordering::Acquire)
+                b.health().is_routable()
                     && !self.outliers.as_ref().is_some_and(|o| o.is_ejected(i, now))
             })
-            .collect()
-    }
-
-    /// The backends a request may go to now: the healthy ones (all of them
-    /// in panic mode) whose circuit breaker admits a request. `Err` is the
-    /// 503 to answer when there are none.
-    fn candidates(&self, now: Instant) -> Result<Vec<bool>, ForwardError> {
-        let healthy = self.healthy(now);
-        let base = match health::routable_set(healthy.iter().copied(), &self.cfg.panic) {
-            Selection::Normal => {
-                self.note_panic(false, &healthy);
-                healthy
-            }
+            .collect();
+        let healthy = eligible.iter().filter(|h| **h).count();
+        match health::routable_set(eligible.iter().copied(), &self.cfg.panic) {
+            Selection::Normal => self.note_panic(false, healthy),
             Selection::Panic => {
-                self.note_panic(true, &healthy);
-                vec![true; self.backends.len()]
+                self.note_panic(true, healthy);
+                eligible.fill(true);
             }
             Selection::NoneAvailable { retry_after } => {
-                self.note_panic(false, &healthy);
+                self.note_panic(false, healthy);
                 return Err(ForwardError {
                     status: http::StatusCode::SERVICE_UNAVAILABLE,
                     detail: format!("no healthy backend in upstream `{}`", self.cfg.name),
@@ -214,25 +207,18 @@ impl SharedUpstream {
                     backend: None,
                 });
             }
-        };
+        }
+        // Breakers apply in panic mode too.
         let mut refused: Option<(&str, Rejected)> = None;
-        let eligible: Vec<bool> = base
-            .iter()
-            .zip(&self.backends)
-            .map(|(&ok, b)| {
-                ok && match &b.breaker {
-                    None => true,
-                    Some(br) => match br.check(now) {
-                        Ok(()) => true,
-                        Err(r) => {
-                            refused.get_or_insert((b.cfg.id.as_str(), r));
-                            false
-                        }
-                    },
-                }
-            })
-            .collect();
-        if eligible.iter().any(|e| *e) {
+        for (e, b) in eligible.iter_mut().zip(&self.backends) {
+            if let (true, Some(br)) = (*e, &b.breaker)
+                && let Err(r) = br.check(now)
+            {
+                refused.get_or_insert((b.cfg.id.as_str(), r));
+                *e = false;
+            }
+        }
+        if eligible.contains(&true) {
             return Ok(eligible);
         }
         Err(match refused {
@@ -248,38 +234,24 @@ impl SharedUpstream {
 
     /// Logs entering and leaving panic mode (once per transition, not per
     /// request).
-    fn note_panic(&self, on: bool, healthy: &[bool]) {
+    fn note_panic(&self, on: bool, healthy: usize) {
         if self.panicking.load(Ordering::Relaxed) == on
             || self.panicking.swap(on, Ordering::Relaxed) == on
         {
             return;
         }
-        let up = healthy.iter().filter(|h| **h).count();
+        let backends = self.backends.len();
         if on {
             warn!(
                 upstream = %self.cfg.name,
-                healthy = up,
-                backends = healthy.len(),
+                healthy,
+                backends,
                 threshold_percent = self.cfg.panic.threshold_percent,
                 "panic mode: too few healthy backends, balancing across all"
             );
         } else {
-            info!(upstream = %self.cfg.name, healthy = up, backends = healthy.len(), "panic mode over");
+            info!(upstream = %self.cfg.name, healthy, backends, "panic mode over");
         }
-    }
-
-    /// The server name backends are verified against: `tls.sni`, else the
-    /// backend's host.
-    pub fn server_name(&self, backend: &config::Backend) -> String {
-        self.cfg
-            .sni
-            .clone()
-            .unwrap_or_else(|| backend.addr.host.clone())
-    }
-
-    /// How this upstream's backends are reached (protocol and TLS).
-    pub fn transport(&self) -> &backend::Transport {
-        &self.transport
     }
 
     /// A client for backend `i` (per worker, or for the health prober).
@@ -319,7 +291,6 @@ fn breaker_error(id: &str, r: &Rejected) -> ForwardError {
 /// Every upstream, shared by the workers.
 pub struct SharedUpstreams {
     pub upstreams: Vec<Arc<SharedUpstream>>,
-    config: Arc<Config>,
 }
 
 /// Errors building upstream state.
@@ -352,7 +323,6 @@ impl SharedUpstreams {
                     cfg: b.clone(),
                     label: format!("{}/{}", u.name, b.id),
                     stats: Arc::new(BackendStats::with_decay(u.balancing.ewma_decay())),
-                    routable: AtomicBool::new(true),
                     health: AtomicU8::new(0),
                     breaker: u
                         .circuit_breaker
@@ -376,15 +346,7 @@ impl SharedUpstreams {
                 cfg: u.clone(),
             }));
         }
-        Ok(Self {
-            upstreams,
-            config: config.clone(),
-        })
-    }
-
-    /// The config these were built from.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+        Ok(Self { upstreams })
     }
 }
 
@@ -511,15 +473,6 @@ impl WorkerUpstreams {
         }
     }
 
-    /// Live connections to backend `b` of upstream `u` (tests, metrics).
-    pub fn connections(&self, u: usize, b: usize) -> usize {
-        self.ups
-            .get(u)
-            .and_then(|u| u.pools.get(b))
-            .and_then(WorkerPool::get)
-            .map_or(0, |p| p.connections())
-    }
-
     /// Sends `req` to a backend of upstream `idx`: picks one with the
     /// balancer among eligible backends, retries on another backend when
     /// the retry policy and budget allow, and records every outcome for
@@ -532,7 +485,7 @@ impl WorkerUpstreams {
         &self,
         idx: usize,
         req: Request<ProxyBody>,
-        info: &RequestInfo<'_>,
+        client_ip: std::net::IpAddr,
     ) -> Result<Forwarded, ForwardError> {
         let Some(up) = self.ups.get(idx) else {
             return Err(ForwardError {
@@ -545,13 +498,19 @@ impl WorkerUpstreams {
         let shared = &up.shared;
         let retry = &shared.retry;
         let (parts, body) = req.into_parts();
-        let method = parts.method.clone();
+        let method = &parts.method;
+        let info = RequestInfo {
+            client_ip,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        };
         let replay = Replayable::new(body, retry.buffer_body_limit);
         let started = Instant::now();
         let deadline = started + shared.cfg.timeouts.request;
         shared.retry_budget.deposit(started);
 
         let mut tried: Vec<usize> = Vec::new();
+        let mut views: Vec<BackendView<'_>> = Vec::with_capacity(shared.backends.len());
         let mut last: Option<ForwardError> = None;
         let mut held: Option<Held> = None;
         let max_tries = 1 + retry.attempts as usize;
@@ -571,9 +530,21 @@ impl WorkerUpstreams {
                     break;
                 }
             };
-            let views = views(shared, &eligible);
+            views.clear();
+            views.extend(
+                shared
+                    .backends
+                    .iter()
+                    .zip(&eligible)
+                    .map(|(b, &eligible)| BackendView {
+                        id: &b.cfg.id,
+                        weight: b.cfg.weight,
+                        stats: &b.stats,
+                        eligible,
+                    }),
+            );
             let pick = match up.balancer.lock() {
-                Ok(mut bal) => bal.pick(&views, info, &tried),
+                Ok(mut bal) => bal.pick(&views, &info, &tried),
                 Err(_) => None,
             };
             let Some(bi) = pick else {
@@ -654,7 +625,7 @@ impl WorkerUpstreams {
                     let response =
                         Response::from_parts(rparts, body::boxed(Guarded::new(rbody, guard)));
                     let can_retry = attempt + 1 < max_tries
-                        && retry_allowed(retry, &method, &replay, FailureKind::Status(status))
+                        && retry_allowed(retry, method, &replay, FailureKind::Status(status))
                         && shared.retry_budget.try_withdraw(done);
                     held = Some(Held {
                         response,
@@ -718,14 +689,14 @@ impl WorkerUpstreams {
                 break;
             }
             let can_retry = attempt + 1 < max_tries
-                && retry_allowed(retry, &method, &replay, failure)
+                && retry_allowed(retry, method, &replay, failure)
                 && shared.retry_budget.try_withdraw(Instant::now());
             if !can_retry {
                 break;
             }
         }
         if let Some(Held { response, backend }) = held {
-            return Ok(self.deliver(up, response, backend, info));
+            return Ok(deliver(up, &views, response, backend, &info));
         }
         Err(last.unwrap_or(ForwardError {
             status: http::StatusCode::BAD_GATEWAY,
@@ -734,55 +705,39 @@ impl WorkerUpstreams {
             backend: None,
         }))
     }
-
-    /// The response of backend `bi`, with the balancer's cookie.
-    fn deliver(
-        &self,
-        up: &WorkerUpstream,
-        response: Response<ProxyBody>,
-        bi: usize,
-        info: &RequestInfo<'_>,
-    ) -> Forwarded {
-        let shared = &up.shared;
-        let eligible = vec![true; shared.backends.len()];
-        let views = views(shared, &eligible);
-        let cookie = match up.balancer.lock() {
-            Ok(bal) => bal.set_cookie(&views, bi, info),
-            Err(_) => None,
-        };
-        Forwarded {
-            response,
-            via_version: match shared.cfg.protocol {
-                config::UpstreamProtocol::Http3 => "3",
-                config::UpstreamProtocol::Http2 => "2",
-                config::UpstreamProtocol::Http1 => "1.1",
-            },
-            backend: shared
-                .backends
-                .get(bi)
-                .map(|b| b.cfg.id.clone())
-                .unwrap_or_default(),
-            extra_headers: cookie
-                .map(|c| (http::header::SET_COOKIE, c))
-                .into_iter()
-                .collect(),
-        }
-    }
 }
 
-/// The balancer's view of an upstream's backends.
-fn views<'a>(shared: &'a SharedUpstream, eligible: &[bool]) -> Vec<BackendView<'a>> {
-    shared
-        .backends
-        .iter()
-        .zip(eligible)
-        .map(|(b, &eligible)| BackendView {
-            id: &b.cfg.id,
-            weight: b.cfg.weight,
-            stats: &b.stats,
-            eligible,
-        })
-        .collect()
+/// The response of backend `bi`, with the balancer's cookie (sticky
+/// sessions need only the served backend's id from `views`).
+fn deliver(
+    up: &WorkerUpstream,
+    views: &[BackendView<'_>],
+    response: Response<ProxyBody>,
+    bi: usize,
+    info: &RequestInfo<'_>,
+) -> Forwarded {
+    let shared = &up.shared;
+    let cookie = match up.balancer.lock() {
+        Ok(bal) => bal.set_cookie(views, bi, info),
+        Err(_) => None,
+    };
+    Forwarded {
+        response,
+        via_version: match shared.cfg.protocol {
+            config::UpstreamProtocol::Http3 => "3",
+            config::UpstreamProtocol::Http2 => "2",
+            config::UpstreamProtocol::Http1 => "1.1",
+        },
+        backend: shared
+            .backends
+            .get(bi)
+            .map(|b| b.cfg.id.clone())
+            .unwrap_or_default(),
+        extra_headers: cookie
+            .map(|c| (http::header::SET_COOKIE, c))
+            .into_iter()
+            .collect(),
+    }
 }
 
 /// Logs an outlier ejection and renews the workers' connections to the

@@ -8,7 +8,6 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,24 +46,9 @@ pub enum TcpConn {
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
-/// Counts live connections; decremented when the connection drops.
-struct Live(Arc<AtomicUsize>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A counted connection.
-pub struct Counted {
-    conn: TcpConn,
-    _live: Live,
-}
-
-impl Connection for Counted {
+impl Connection for TcpConn {
     fn connected(&self) -> Connected {
-        match &self.conn {
+        match self {
             TcpConn::Plain(_) => Connected::new(),
             TcpConn::Tls(tls) => {
                 let (_, session) = tls.inner().get_ref();
@@ -80,7 +64,7 @@ impl Connection for Counted {
 
 macro_rules! delegate {
     ($self:ident, $inner:ident => $e:expr) => {
-        match &mut $self.get_mut().conn {
+        match $self.get_mut() {
             TcpConn::Plain($inner) => {
                 let $inner = Pin::new($inner);
                 $e
@@ -93,7 +77,7 @@ macro_rules! delegate {
     };
 }
 
-impl hyper::rt::Read for Counted {
+impl hyper::rt::Read for TcpConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,7 +87,7 @@ impl hyper::rt::Read for Counted {
     }
 }
 
-impl hyper::rt::Write for Counted {
+impl hyper::rt::Write for TcpConn {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -129,7 +113,7 @@ impl hyper::rt::Write for Counted {
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.conn {
+        match self {
             TcpConn::Plain(io) => io.is_write_vectored(),
             TcpConn::Tls(io) => io.is_write_vectored(),
         }
@@ -158,11 +142,10 @@ pub struct Connector {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     timeout: Duration,
     require_h2: bool,
-    live: Arc<AtomicUsize>,
 }
 
 impl Connector {
-    async fn dial(self) -> Result<Counted, ConnectError> {
+    async fn dial(self) -> Result<TcpConn, ConnectError> {
         let target = match self.addr.socket_addr() {
             Some(sa) => sa,
             None => tokio::net::lookup_host((self.addr.host.as_str(), self.addr.port))
@@ -189,18 +172,14 @@ impl Connector {
                 TcpConn::Tls(Box::new(TokioIo::new(tls)))
             }
         };
-        self.live.fetch_add(1, Ordering::AcqRel);
-        Ok(Counted {
-            conn,
-            _live: Live(self.live),
-        })
+        Ok(conn)
     }
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = Counted;
+    type Response = TcpConn;
     type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Counted, ConnectError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<TcpConn, ConnectError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -225,7 +204,6 @@ pub struct TcpPool {
     scheme: &'static str,
     backend_authority: String,
     version: Version,
-    live: Arc<AtomicUsize>,
 }
 
 impl TcpPool {
@@ -237,14 +215,12 @@ impl TcpPool {
         tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
         settings: TcpSettings,
     ) -> Self {
-        let live = Arc::new(AtomicUsize::new(0));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let connector = Connector {
             addr: addr.clone(),
             tls: tls.map(|(cfg, name)| (TlsConnector::from(cfg), name)),
             timeout: settings.connect_timeout,
             require_h2: settings.protocol == TcpProtocol::Http2,
-            live: live.clone(),
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -277,22 +253,7 @@ impl TcpPool {
             scheme,
             backend_authority: addr.to_string(),
             version,
-            live,
         }
-    }
-
-    /// `via` version token of this pool's protocol.
-    pub fn via_version(&self) -> &'static str {
-        if self.version == Version::HTTP_2 {
-            "2"
-        } else {
-            "1.1"
-        }
-    }
-
-    /// Live connections (tests, metrics).
-    pub fn connections(&self) -> usize {
-        self.live.load(Ordering::Acquire)
     }
 
     /// Sends `req`; the response body streams. `timeout` bounds the wait
