@@ -454,9 +454,23 @@ fn check_reports_the_exact_error() {
     );
 }
 
+/// Runs the aioquic client (tests/clients/h3_get.py) against `sp`.
+fn aioquic(sp: &Spooky, args: &[&str]) -> std::process::Output {
+    let port = sp.port.to_string();
+    std::process::Command::new(python().expect("checked by the caller"))
+        .arg(script("h3_get.py"))
+        .args(["--ca", sp.cert().to_str().unwrap()])
+        .args(["--host", "127.0.0.1", "--port", &port, "--sni", "localhost"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn aioquic_client_through_spooky() {
-    let Some(python) = python() else { return };
+    if python().is_none() {
+        return;
+    }
     let certs = certs();
     let (_b1, a1) = backend("aq1", &certs, &[]);
     let (_b2, a2) = backend("aq2", &certs, &[]);
@@ -467,20 +481,7 @@ fn aioquic_client_through_spooky() {
         "balancing: { type: round_robin }",
     );
     let sp = spooky(&config(&up, "").replace("workers: 2", "workers: 1"));
-    let out = std::process::Command::new(python)
-        .arg(script("h3_get.py"))
-        .args(["--ca", sp.cert().to_str().unwrap()])
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &sp.port.to_string(),
-            "--sni",
-            "localhost",
-        ])
-        .args(["--path", "/", "--count", "8", "--concurrent"])
-        .output()
-        .unwrap();
+    let out = aioquic(&sp, &["--path", "/", "--count", "8", "--concurrent"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -500,20 +501,7 @@ fn aioquic_client_through_spooky() {
         .count();
     assert_eq!((aq1, aq2), (4, 4), "{stdout}");
     // Trailers and a sized body through aioquic too.
-    let out = std::process::Command::new(support::python().unwrap())
-        .arg(script("h3_get.py"))
-        .args(["--ca", sp.cert().to_str().unwrap()])
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &sp.port.to_string(),
-            "--sni",
-            "localhost",
-        ])
-        .args(["--path", "/bytes/1000000", "--count", "1"])
-        .output()
-        .unwrap();
+    let out = aioquic(&sp, &["--path", "/bytes/1000000", "--count", "1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("200 1000000 bytes"), "{stdout}");
 }
@@ -582,25 +570,14 @@ async fn admin_serves_metrics_health_and_readiness() {
 
 #[test]
 fn a_malformed_request_ends_only_its_stream() {
-    let Some(python) = python() else { return };
+    if python().is_none() {
+        return;
+    }
     let certs = certs();
     let (_b, a) = backend("mf", &certs, &[]);
     let up = upstream_yaml("demo", &certs, &[("mf", a)], "");
     let sp = spooky(&config(&up, ""));
-    let out = std::process::Command::new(python)
-        .arg(script("h3_get.py"))
-        .args(["--ca", sp.cert().to_str().unwrap()])
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &sp.port.to_string(),
-            "--sni",
-            "localhost",
-        ])
-        .args(["--malformed-first", "--path", "/", "--count", "2"])
-        .output()
-        .unwrap();
+    let out = aioquic(&sp, &["--malformed-first", "--path", "/", "--count", "2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -163,29 +163,30 @@ pub fn backend(id: &str, certs: &Certs, extra: &[&str]) -> (Proc, SocketAddr) {
 
 pub fn backend_on(id: &str, certs: &Certs, port: u16, extra: &[&str]) -> (Proc, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(spooky_bin())
-        .args(["demo-backend", "--id", id, "--listen", &addr.to_string()])
+    let cmd = backend_command(Command::new(spooky_bin()), id, certs, addr, extra);
+    (
+        spawn_and_wait(cmd, &format!("backend {id}"), "listening on"),
+        addr,
+    )
+}
+
+/// `spooky demo-backend` arguments on `cmd` (a plain command, or one that
+/// enters a namespace first).
+fn backend_command(
+    mut cmd: Command,
+    id: &str,
+    certs: &Certs,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> Command {
+    cmd.args(["demo-backend", "--id", id, "--listen", &addr.to_string()])
         .arg("--cert")
         .arg(&certs.cert)
         .arg("--key")
         .arg(&certs.key)
         .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Output::default();
-    capture(child.stdout.take().unwrap(), out.clone(), false);
-    capture(child.stderr.take().unwrap(), out.clone(), false);
-    let mut p = Proc {
-        name: format!("backend {id}"),
-        child,
-        out,
-    };
-    let out = p.out.clone();
-    out.wait_for("listening on", Duration::from_secs(20), &mut p.child, id);
-    (p, addr)
+        .env("RUST_LOG", "warn");
+    cmd
 }
 
 /// A running spooky with its config directory.
@@ -231,36 +232,24 @@ pub fn spooky(config: &str) -> Spooky {
 }
 
 pub fn spooky_with(config: &str, env: &[(&str, &str)]) -> Spooky {
-    let port = free_udp_port();
+    start_spooky(Command::new(spooky_bin()), config, free_udp_port(), env)
+}
+
+/// Writes `config` (with `PORT` replaced by `port`) next to a state dir and
+/// runs `spooky run` on it through `cmd`, waiting until every worker
+/// listens.
+fn start_spooky(mut cmd: Command, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
     let dir = tempfile::tempdir().unwrap();
     let config = config.replace("PORT", &port.to_string());
     let path = dir.path().join("spooky.yaml");
     std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
-    let mut cmd = Command::new(spooky_bin());
     cmd.args(["run", "-c"])
         .arg(&path)
-        .env("RUST_LOG", "info,spooky::access=debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "info,spooky::access=debug");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let out = Output::default();
-    capture(child.stdout.take().unwrap(), out.clone(), false);
-    capture(child.stderr.take().unwrap(), out.clone(), false);
-    let mut proc = Proc {
-        name: "spooky".into(),
-        child,
-        out,
-    };
-    let out = proc.out.clone();
-    out.wait_for(
-        "spooky ready",
-        Duration::from_secs(30),
-        &mut proc.child,
-        "spooky",
-    );
+    let proc = spawn_and_wait(cmd, "spooky", "spooky ready");
     Spooky { proc, dir, port }
 }
 
@@ -359,25 +348,9 @@ pub fn upstream_block(
 /// Starts a helper script with the test venv's Python and waits for
 /// `ready` on its output.
 pub fn python_proc(name: &str, script_name: &str, args: &[&str], ready: &str) -> Option<Proc> {
-    let python = python()?;
-    let mut child = Command::new(python)
-        .arg(script(script_name))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Output::default();
-    capture(child.stdout.take().unwrap(), out.clone(), false);
-    capture(child.stderr.take().unwrap(), out.clone(), false);
-    let mut p = Proc {
-        name: name.to_owned(),
-        child,
-        out,
-    };
-    let out = p.out.clone();
-    out.wait_for(ready, Duration::from_secs(30), &mut p.child, name);
-    Some(p)
+    let mut cmd = Command::new(python()?);
+    cmd.arg(script(script_name)).args(args);
+    Some(spawn_and_wait(cmd, name, ready))
 }
 
 /// Whether an external tool is installed; with SPOOKY_REQUIRE_TOOLS=1 (set
@@ -404,14 +377,13 @@ pub fn backend_in_netns(
     addr: SocketAddr,
     extra: &[&str],
 ) -> Proc {
-    let mut cmd = netns::command_in(netns, spooky_bin());
-    cmd.args(["demo-backend", "--id", id, "--listen", &addr.to_string()])
-        .arg("--cert")
-        .arg(&certs.cert)
-        .arg("--key")
-        .arg(&certs.key)
-        .args(extra)
-        .env("RUST_LOG", "warn");
+    let cmd = backend_command(
+        netns::command_in(netns, spooky_bin()),
+        id,
+        certs,
+        addr,
+        extra,
+    );
     spawn_and_wait(cmd, &format!("backend {id}"), "listening on")
 }
 
@@ -420,19 +392,7 @@ pub fn backend_in_netns(
 /// (The returned `Spooky`'s `url`/`addr`/`client_options` name loopback:
 /// build the client's options from the namespace's addresses instead.)
 pub fn spooky_in_netns(netns: &str, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
-    let dir = tempfile::tempdir().unwrap();
-    let config = config.replace("PORT", &port.to_string());
-    let path = dir.path().join("spooky.yaml");
-    std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
-    let mut cmd = netns::command_in(netns, spooky_bin());
-    cmd.args(["run", "-c"])
-        .arg(&path)
-        .env("RUST_LOG", "info,spooky::access=debug");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let proc = spawn_and_wait(cmd, "spooky", "spooky ready");
-    Spooky { proc, dir, port }
+    start_spooky(netns::command_in(netns, spooky_bin()), config, port, env)
 }
 
 /// Spawns `cmd` with its output captured and waits for `ready` in it.
