@@ -190,8 +190,10 @@ fn check(path: PathBuf) -> Result<ExitCode> {
 
 fn demo_backend(opts: demo::DemoOptions) -> Result<ExitCode> {
     init_logging("info");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Current-thread, like spooky's workers: on an oversubscribed machine a
+    // multi-threaded runtime driving quinn stalled for tens of seconds
+    // (tasks parked while the I/O driver ran on the other thread).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(demo::serve(opts))?;
