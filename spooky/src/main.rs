@@ -35,6 +35,12 @@ enum Command {
         #[arg(short, long, default_value = "config/spooky.yaml")]
         config: PathBuf,
     },
+    /// Ask a running spooky to reload its config (`POST /reload` on the
+    /// admin listener named in the config; SIGHUP does the same).
+    Reload {
+        #[arg(short, long, default_value = "config/spooky.yaml")]
+        config: PathBuf,
+    },
     /// Validate a config file; exits non-zero and lists every problem.
     Check {
         #[arg(short, long, default_value = "config/spooky.yaml")]
@@ -105,14 +111,26 @@ struct GetArgs {
 }
 
 fn init_logging(level: &str) {
+    init_logging_as(level, config::LogFormat::Text);
+}
+
+fn init_logging_as(level: &str, format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -121,6 +139,7 @@ fn main() -> ExitCode {
         (Some(Command::Run { config }), _) | (None, Some(config)) => run(config),
         (None, None) => run(PathBuf::from("config/spooky.yaml")),
         (Some(Command::Check { config }), _) => check(config),
+        (Some(Command::Reload { config }), _) => reload(config),
         (Some(Command::Get(args)), _) => get(args),
         (
             Some(Command::DemoBackend {
@@ -161,9 +180,61 @@ fn run(path: PathBuf) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    init_logging(&cfg.log_level);
-    server::run(cfg)?;
+    init_logging_as(&cfg.log.level, cfg.log.format);
+    server::run(cfg, &path)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spooky reload`: POST /reload to the admin listener the config names.
+fn reload(path: PathBuf) -> Result<ExitCode> {
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}\nnot reloading: fix the file first");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let Some(admin) = cfg.admin else {
+        bail!(
+            "{} has no `admin` listener to send the reload to; send SIGHUP to the spooky process instead (`systemctl reload spooky`)",
+            path.display()
+        );
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, body) = rt.block_on(admin_post(admin.addr, "/reload", admin.token.as_deref()))?;
+    print!("{body}");
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn admin_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(http::StatusCode, String)> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| {
+            format!("cannot reach the admin listener at {addr}: is spooky running?")
+        })?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::post(path).header("host", addr.to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::<Bytes>::new())?)
+        .await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn check(path: PathBuf) -> Result<ExitCode> {

@@ -1,16 +1,166 @@
-//! Metrics: lock-free counters bumped on the request path, and their
-//! rendering in the Prometheus text format for the admin listener. Backend
-//! state (in flight, health, ejection, breaker) is read from the shared
-//! upstream state at scrape time rather than copied on every request.
+//! Metrics, exposed by the admin listener in the Prometheus text format
+//! (the `prometheus` crate encodes them). Hot-path counters are plain
+//! atomics and `prometheus` histograms and gauges (lock-free); backend
+//! state (in flight, health, ejection, breaker, operator control) is read
+//! from the shared upstream state at scrape time rather than copied on
+//! every request. Labels are bounded: routes, upstreams and backends come
+//! from the config, never from requests.
 
-use std::fmt::Write;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use spooky_common::maps::XdpCounter;
 
 use crate::health::{BreakerState, HealthState};
-use crate::upstream::{SharedBackend, SharedUpstream, SharedUpstreams};
+use crate::upstream::{Control, SharedUpstreams};
+
+/// Latency buckets (seconds): 0.5 ms to 30 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0,
+];
+
+/// Long-lived metrics updated on the request and connection paths.
+pub struct Live {
+    /// Client request duration, until the response body ended, by route.
+    pub request_duration: HistogramVec,
+    /// Client requests by route, upstream and response status class.
+    pub route_requests: IntCounterVec,
+    /// Time to response headers from each backend.
+    pub upstream_duration: HistogramVec,
+    /// Bytes of response bodies sent to clients.
+    pub response_bytes: IntCounter,
+    pub quic_connections: IntGauge,
+    pub quic_streams: IntGauge,
+    pub tcp_connections: IntGauge,
+    pub handshake_duration: Histogram,
+    /// New QUIC connections by outcome: accepted, retry, refused, failed.
+    pub handshakes: IntCounterVec,
+    /// TCP connections refused by the abuse limits, by reason.
+    pub tcp_refused: IntCounterVec,
+    /// Request streams reset: by the client, or by spooky (response body
+    /// failed mid-way).
+    pub stream_resets: IntCounterVec,
+    /// 429s by limit scope (client, route).
+    pub rate_limited: IntCounterVec,
+    /// Config reloads by result.
+    pub reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+    /// Requests retried (a second or later try), by upstream.
+    pub retries: IntCounterVec,
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    HistogramVec::new(opts, labels).unwrap_or_else(|e| unreachable_metric(name, e))
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable_metric(name, e))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e))
+}
+
+/// Metric definitions are constants checked by the unit tests; a bad one
+/// is a programming error caught before release.
+#[allow(clippy::panic)]
+fn unreachable_metric(name: &str, e: prometheus::Error) -> ! {
+    panic!("metric {name} is malformed: {e}")
+}
+
+/// The process-wide live metrics.
+pub static LIVE: LazyLock<Live> = LazyLock::new(|| Live {
+    request_duration: histogram_vec(
+        "spooky_request_duration_seconds",
+        "Client request duration, from the request head to the end of the response body, by route.",
+        &["route"],
+    ),
+    route_requests: counter_vec(
+        "spooky_route_requests_total",
+        "Client requests by route, upstream and response status class.",
+        &["route", "upstream", "class"],
+    ),
+    upstream_duration: histogram_vec(
+        "spooky_upstream_response_seconds",
+        "Time from sending a request to a backend to its response headers.",
+        &["upstream", "backend"],
+    ),
+    response_bytes: IntCounter::new(
+        "spooky_response_body_bytes_total",
+        "Response body bytes sent to clients.",
+    )
+    .unwrap_or_else(|e| unreachable_metric("spooky_response_body_bytes_total", e)),
+    quic_connections: gauge(
+        "spooky_quic_connections",
+        "Open downstream QUIC connections.",
+    ),
+    quic_streams: gauge(
+        "spooky_quic_streams",
+        "Downstream HTTP/3 request streams in progress.",
+    ),
+    tcp_connections: gauge(
+        "spooky_tcp_connections",
+        "Open downstream TCP (HTTP/2, HTTP/1.1) connections.",
+    ),
+    handshake_duration: Histogram::with_opts(
+        HistogramOpts::new(
+            "spooky_quic_handshake_duration_seconds",
+            "Downstream QUIC handshake duration.",
+        )
+        .buckets(LATENCY_BUCKETS.to_vec()),
+    )
+    .unwrap_or_else(|e| unreachable_metric("spooky_quic_handshake_duration_seconds", e)),
+    handshakes: counter_vec(
+        "spooky_quic_handshakes_total",
+        "New downstream QUIC connections by outcome (accepted, retry, refused_*, failed).",
+        &["outcome"],
+    ),
+    tcp_refused: counter_vec(
+        "spooky_tcp_connections_refused_total",
+        "Downstream TCP connections refused by the abuse limits, by reason.",
+        &["reason"],
+    ),
+    stream_resets: counter_vec(
+        "spooky_stream_resets_total",
+        "Downstream request streams reset, by who reset them (client, spooky).",
+        &["by"],
+    ),
+    rate_limited: counter_vec(
+        "spooky_rate_limited_total",
+        "Requests answered 429 by a rate limit, by scope (client, route).",
+        &["scope"],
+    ),
+    reloads: counter_vec(
+        "spooky_config_reloads_total",
+        "Config reloads by result (ok, error).",
+        &["result"],
+    ),
+    config_generation: gauge(
+        "spooky_config_generation",
+        "Config generation in use (1 at start, +1 per successful reload).",
+    ),
+    retries: counter_vec(
+        "spooky_retries_total",
+        "Tries after the first, by upstream.",
+        &["upstream"],
+    ),
+});
+
+/// Status class label of `status`.
+pub fn class_label(status: u16) -> &'static str {
+    CLASSES
+        .get((status / 100).saturating_sub(1) as usize)
+        .copied()
+        .unwrap_or("5xx")
+}
 
 /// Client protocols, for per-protocol counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +232,10 @@ impl Global {
 }
 
 /// Per-backend counters, owned by the backend's shared state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendCounters {
+    /// Time to response headers (`spooky_upstream_response_seconds`).
+    pub latency: Histogram,
     /// Tries sent to this backend (retries included).
     pub requests: AtomicU64,
     /// Responses by status class (1xx..5xx).
@@ -97,6 +249,20 @@ pub struct BackendCounters {
 }
 
 impl BackendCounters {
+    pub fn new(upstream: &str, backend: &str) -> Self {
+        Self {
+            latency: LIVE
+                .upstream_duration
+                .with_label_values(&[upstream, backend]),
+            requests: AtomicU64::new(0),
+            responses: Default::default(),
+            connect_failures: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
     /// Counts a response with `status`.
     pub fn response(&self, status: u16) {
         if let Some(c) = self
@@ -117,244 +283,220 @@ pub struct Scrape<'a> {
     pub started: Instant,
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Escapes a label value (backslash, quote, newline).
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Builds scrape-time families in a throw-away registry.
+struct Families {
+    registry: Registry,
+}
+
+impl Families {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: &C) {
+        // Names are unique by construction; a duplicate would only drop
+        // that family from the scrape.
+        let _ = self.registry.register(Box::new(c.clone()));
+    }
+
+    fn gauge(&self, name: &str, help: &str, value: i64) {
+        let g = gauge(name, help);
+        g.set(value);
+        self.add(&g);
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| unreachable_metric(name, e));
+        self.add(&g);
+        g
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let c = counter_vec(name, help, labels);
+        self.add(&c);
+        c
+    }
+}
 
 /// Renders every metric in the Prometheus text exposition format.
 pub fn render(s: &Scrape<'_>) -> String {
-    let mut out = String::with_capacity(8 * 1024);
+    let f = Families {
+        registry: Registry::new(),
+    };
     let g = &GLOBAL;
-    header(&mut out, "spooky_up", "gauge", "1 while spooky runs.");
-    let _ = writeln!(out, "spooky_up 1");
-    header(
-        &mut out,
-        "spooky_uptime_seconds",
-        "gauge",
-        "Seconds since start.",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_uptime_seconds {:.0}",
-        s.started.elapsed().as_secs_f64()
-    );
-    header(&mut out, "spooky_workers", "gauge", "Worker threads.");
-    let _ = writeln!(out, "spooky_workers {}", s.workers);
-    header(
-        &mut out,
-        "spooky_steering_mode",
-        "gauge",
-        "Packet steering in use (1 for the active mode).",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_steering_mode{{mode=\"{}\"}} 1",
-        s.steering_mode
-    );
+    let live = &*LIVE;
+    for c in [
+        &live.route_requests,
+        &live.handshakes,
+        &live.tcp_refused,
+        &live.stream_resets,
+        &live.rate_limited,
+        &live.reloads,
+        &live.retries,
+    ] {
+        f.add(c);
+    }
+    f.add(&live.request_duration);
+    f.add(&live.upstream_duration);
+    f.add(&live.handshake_duration);
+    f.add(&live.response_bytes);
+    for gv in [
+        &live.quic_connections,
+        &live.quic_streams,
+        &live.tcp_connections,
+        &live.config_generation,
+    ] {
+        f.add(gv);
+    }
 
-    header(
-        &mut out,
+    f.gauge("spooky_up", "1 while spooky runs.", 1);
+    f.gauge(
+        "spooky_uptime_seconds",
+        "Seconds since start.",
+        s.started.elapsed().as_secs() as i64,
+    );
+    f.gauge("spooky_workers", "Worker threads.", s.workers as i64);
+    f.gauge_vec(
+        "spooky_steering_mode",
+        "Packet steering in use (1 for the active mode).",
+        &["mode"],
+    )
+    .with_label_values(&[s.steering_mode])
+    .set(1);
+
+    let requests = f.counter_vec(
         "spooky_requests_total",
-        "counter",
         "Client requests by client protocol.",
+        &["protocol"],
     );
     for (i, p) in ClientProtocol::ALL.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "spooky_requests_total{{protocol=\"{}\"}} {}",
-            p.label(),
-            g.requests[i].load(Ordering::Relaxed)
-        );
+        requests
+            .with_label_values(&[p.label()])
+            .inc_by(g.requests[i].load(Ordering::Relaxed));
     }
-    header(
-        &mut out,
+    let responses = f.counter_vec(
         "spooky_responses_total",
-        "counter",
         "Responses to clients by status class.",
+        &["class"],
     );
     for (i, c) in CLASSES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "spooky_responses_total{{class=\"{c}\"}} {}",
-            g.responses[i].load(Ordering::Relaxed)
-        );
+        responses
+            .with_label_values(&[c])
+            .inc_by(g.responses[i].load(Ordering::Relaxed));
     }
-    header(
-        &mut out,
+    let local = f.counter_vec(
         "spooky_local_responses_total",
-        "counter",
         "Error responses spooky generated itself (no backend answer), by status.",
+        &["status"],
     );
     for (i, st) in LOCAL_STATUSES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "spooky_local_responses_total{{status=\"{st}\"}} {}",
-            g.local[i].load(Ordering::Relaxed)
-        );
+        local
+            .with_label_values(&[&st.to_string()])
+            .inc_by(g.local[i].load(Ordering::Relaxed));
     }
 
-    let now = Instant::now();
-    // (labels, upstream, backend index, backend) for every backend.
-    let backends: Vec<_> = s
-        .upstreams
-        .upstreams
-        .iter()
-        .flat_map(|up| {
-            up.backends.iter().enumerate().map(move |(bi, b)| {
-                let l = format!(
-                    "upstream=\"{}\",backend=\"{}\"",
-                    esc(&up.cfg.name),
-                    esc(&b.cfg.id)
-                );
-                (l, up, bi, b)
-            })
-        })
-        .collect();
-    // One family at a time, one line (or a few) per backend.
-    let mut family =
-        |name: &str,
-         kind: &str,
-         help: &str,
-         line: &dyn Fn(&mut String, &str, &SharedUpstream, usize, &SharedBackend)| {
-            header(&mut out, name, kind, help);
-            for (l, up, bi, b) in &backends {
-                line(&mut out, l, up, *bi, b);
-            }
-        };
-    family(
+    let ub = ["upstream", "backend"];
+    let b_requests = f.counter_vec(
         "spooky_backend_requests_total",
-        "counter",
         "Tries sent to the backend (retries included).",
-        &|o, l, _, _, b| {
-            let _ = writeln!(
-                o,
-                "spooky_backend_requests_total{{{l}}} {}",
-                b.counters.requests.load(Ordering::Relaxed)
-            );
-        },
+        &ub,
     );
-    family(
+    let b_responses = f.counter_vec(
         "spooky_backend_responses_total",
-        "counter",
         "Backend responses by status class.",
-        &|o, l, _, _, b| {
-            for (i, cl) in CLASSES.iter().enumerate() {
-                let v = b.counters.responses[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    o,
-                    "spooky_backend_responses_total{{{l},class=\"{cl}\"}} {v}"
-                );
-            }
-        },
+        &["upstream", "backend", "class"],
     );
-    family(
+    let b_failures = f.counter_vec(
         "spooky_backend_failures_total",
-        "counter",
         "Tries that failed before a response, by kind.",
-        &|o, l, _, _, b| {
+        &["upstream", "backend", "kind"],
+    );
+    let b_retries = f.counter_vec(
+        "spooky_backend_retries_total",
+        "Tries that retried an earlier failure.",
+        &ub,
+    );
+    let b_in_flight = f.gauge_vec("spooky_backend_in_flight", "Requests in flight.", &ub);
+    let b_healthy = f.gauge_vec(
+        "spooky_backend_healthy",
+        "1 when active health checks route traffic to the backend.",
+        &ub,
+    );
+    let b_health = f.gauge_vec(
+        "spooky_backend_health_state",
+        "Active-check state (1 for the current one).",
+        &["upstream", "backend", "state"],
+    );
+    let b_ejected = f.gauge_vec(
+        "spooky_backend_ejected",
+        "1 while outlier detection ejects the backend.",
+        &ub,
+    );
+    let b_ejections = f.counter_vec(
+        "spooky_backend_ejections_total",
+        "Outlier ejections so far.",
+        &ub,
+    );
+    let b_circuit = f.gauge_vec(
+        "spooky_backend_circuit_state",
+        "Circuit breaker state (1 for the current one).",
+        &["upstream", "backend", "state"],
+    );
+    let b_control = f.gauge_vec(
+        "spooky_backend_admin_state",
+        "Operator control from the admin API (1 for the current one).",
+        &["upstream", "backend", "state"],
+    );
+    let b_weight = f.gauge_vec("spooky_backend_weight", "Balancing weight in use.", &ub);
+    let now = Instant::now();
+    for up in &s.upstreams.upstreams {
+        for (bi, b) in up.backends.iter().enumerate() {
+            let l = [up.cfg.name.as_str(), b.cfg.id.as_str()];
             let c = &b.counters;
+            b_requests
+                .with_label_values(&l)
+                .inc_by(c.requests.load(Ordering::Relaxed));
+            for (i, cl) in CLASSES.iter().enumerate() {
+                b_responses
+                    .with_label_values(&[l[0], l[1], cl])
+                    .inc_by(c.responses[i].load(Ordering::Relaxed));
+            }
             for (kind, v) in [
                 ("connect", &c.connect_failures),
                 ("reset", &c.resets),
                 ("timeout", &c.timeouts),
             ] {
-                let _ = writeln!(
-                    o,
-                    "spooky_backend_failures_total{{{l},kind=\"{kind}\"}} {}",
-                    v.load(Ordering::Relaxed)
-                );
+                b_failures
+                    .with_label_values(&[l[0], l[1], kind])
+                    .inc_by(v.load(Ordering::Relaxed));
             }
-        },
-    );
-    family(
-        "spooky_backend_retries_total",
-        "counter",
-        "Tries that retried an earlier failure.",
-        &|o, l, _, _, b| {
-            let _ = writeln!(
-                o,
-                "spooky_backend_retries_total{{{l}}} {}",
-                b.counters.retries.load(Ordering::Relaxed)
-            );
-        },
-    );
-    family(
-        "spooky_backend_in_flight",
-        "gauge",
-        "Requests in flight.",
-        &|o, l, _, _, b| {
-            let _ = writeln!(o, "spooky_backend_in_flight{{{l}}} {}", b.stats.in_flight());
-        },
-    );
-    family(
-        "spooky_backend_healthy",
-        "gauge",
-        "1 when active health checks route traffic to the backend.",
-        &|o, l, _, _, b| {
-            let _ = writeln!(
-                o,
-                "spooky_backend_healthy{{{l}}} {}",
-                u8::from(b.health().is_routable())
-            );
-        },
-    );
-    family(
-        "spooky_backend_health_state",
-        "gauge",
-        "Active-check state (1 for the current one).",
-        &|o, l, _, _, b| {
+            b_retries
+                .with_label_values(&l)
+                .inc_by(c.retries.load(Ordering::Relaxed));
+            b_in_flight
+                .with_label_values(&l)
+                .set(b.stats.in_flight() as i64);
             let state = b.health();
+            b_healthy
+                .with_label_values(&l)
+                .set(i64::from(state.is_routable()));
             for (st, name) in [
                 (HealthState::Healthy, "healthy"),
                 (HealthState::Degraded, "degraded"),
                 (HealthState::Unhealthy, "unhealthy"),
                 (HealthState::Recovering, "recovering"),
             ] {
-                let _ = writeln!(
-                    o,
-                    "spooky_backend_health_state{{{l},state=\"{name}\"}} {}",
-                    u8::from(state == st)
-                );
+                b_health
+                    .with_label_values(&[l[0], l[1], name])
+                    .set(i64::from(state == st));
             }
-        },
-    );
-    family(
-        "spooky_backend_ejected",
-        "gauge",
-        "1 while outlier detection ejects the backend.",
-        &|o, l, up, bi, _| {
             let ejected = up.outliers.as_ref().is_some_and(|p| p.is_ejected(bi, now));
-            let _ = writeln!(o, "spooky_backend_ejected{{{l}}} {}", u8::from(ejected));
-        },
-    );
-    family(
-        "spooky_backend_ejections_total",
-        "counter",
-        "Outlier ejections so far.",
-        &|o, l, up, bi, _| {
+            b_ejected.with_label_values(&l).set(i64::from(ejected));
             let times = up
                 .outliers
                 .as_ref()
                 .and_then(|p| p.host(bi))
                 .map_or(0, |h| h.times_ejected());
-            let _ = writeln!(o, "spooky_backend_ejections_total{{{l}}} {times}");
-        },
-    );
-    family(
-        "spooky_backend_circuit_state",
-        "gauge",
-        "Circuit breaker state (1 for the current one).",
-        &|o, l, _, _, b| {
+            b_ejections.with_label_values(&l).inc_by(u64::from(times));
             // No breaker configured reads as always closed.
             let current = b
                 .breaker
@@ -365,32 +507,35 @@ pub fn render(s: &Scrape<'_>) -> String {
                 (BreakerState::Open, "open"),
                 (BreakerState::HalfOpen, "half_open"),
             ] {
-                let _ = writeln!(
-                    o,
-                    "spooky_backend_circuit_state{{{l},state=\"{name}\"}} {}",
-                    u8::from(current == st)
-                );
+                b_circuit
+                    .with_label_values(&[l[0], l[1], name])
+                    .set(i64::from(current == st));
             }
-        },
-    );
-
-    if let Some(x) = &s.xdp {
-        header(
-            &mut out,
-            "spooky_xdp_packets_total",
-            "counter",
-            "Packets seen by the XDP program, by decision (summed over CPUs).",
-        );
-        for c in XdpCounter::ALL {
-            let _ = writeln!(
-                out,
-                "spooky_xdp_packets_total{{decision=\"{}\"}} {}",
-                c.name(),
-                x[c as usize]
-            );
+            let control = b.control();
+            for c in [Control::Enabled, Control::Draining, Control::Disabled] {
+                b_control
+                    .with_label_values(&[l[0], l[1], c.name()])
+                    .set(i64::from(control == c));
+            }
+            b_weight.with_label_values(&l).set(i64::from(b.weight()));
         }
     }
-    out
+
+    if let Some(x) = &s.xdp {
+        let packets = f.counter_vec(
+            "spooky_xdp_packets_total",
+            "Packets seen by the XDP program, by decision (summed over CPUs).",
+            &["decision"],
+        );
+        for c in XdpCounter::ALL {
+            packets.with_label_values(&[c.name()]).inc_by(x[c as usize]);
+        }
+    }
+    let mut out = Vec::with_capacity(16 * 1024);
+    if let Err(e) = TextEncoder::new().encode(&f.registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -398,8 +543,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn live_metrics_are_well_formed_and_render() {
+        // Forces every definition (a malformed one would panic here).
+        LIVE.route_requests
+            .with_label_values(&["r\"1", "u", "2xx"])
+            .inc();
+        LIVE.request_duration
+            .with_label_values(&["r"])
+            .observe(0.01);
+        let ups = SharedUpstreams { upstreams: vec![] };
+        let text = render(&Scrape {
+            upstreams: &ups,
+            steering_mode: "off",
+            workers: 2,
+            xdp: Some([1; XdpCounter::COUNT as usize]),
+            started: Instant::now(),
+        });
+        assert!(
+            text.contains(
+                "spooky_route_requests_total{class=\"2xx\",route=\"r\\\"1\",upstream=\"u\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("spooky_request_duration_seconds_bucket{route=\"r\",le=\"0.025\"} 1")
+        );
+        assert!(text.contains("spooky_workers 2"));
+        assert!(text.contains("# TYPE spooky_xdp_packets_total counter"));
+        assert_eq!(class_label(503), "5xx");
+        assert_eq!(class_label(99), "1xx");
     }
 
     #[test]

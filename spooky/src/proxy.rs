@@ -1,19 +1,29 @@
-//! The request path, protocol-independent: request id → route → limits →
-//! upstream request headers → forward (balancing, retries: `upstream`) →
-//! response headers, and the error responses (404/413/502/503/504) spooky
-//! generates itself. Listeners turn their protocol into an
-//! `http::Request<ProxyBody>` and send back whatever this returns.
+//! The request path, protocol-independent: request id → client rate limit
+//! → route → route rate limit and body limit → upstream request headers →
+//! forward (balancing, retries: `upstream`) → response headers, and the
+//! error responses (404/413/429/502/503/504) spooky generates itself; then
+//! the request's metrics and access-log line once the response body ends.
+//! Listeners turn their protocol into an `http::Request<ProxyBody>` and
+//! send back whatever this returns.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use tracing::{info, warn};
 
-use crate::body::{self, IdleTimeout, Limited, ProxyBody};
+use crate::body::{self, BoxError, IdleTimeout, Limited, ProxyBody};
 use crate::config::Config;
+use crate::limits::{RateLimited, RequestLimits};
+use crate::metrics::LIVE;
+use crate::reload::Generation;
 use crate::routing;
 use crate::upstream::{ForwardError, WorkerUpstreams};
 
@@ -45,11 +55,30 @@ pub struct Downstream {
     pub scheme: &'static str,
 }
 
-/// Per-worker request-path state: the config snapshot and this worker's
-/// upstream pools and balancers.
+/// Per-worker request-path state of one config generation: the config,
+/// this worker's upstream pools and balancers, and the process-wide rate
+/// limits.
 pub struct Proxy {
     pub config: Arc<Config>,
     pub upstreams: WorkerUpstreams,
+    pub limits: Arc<RequestLimits>,
+    /// TLS for the TCP listener, re-read on reload.
+    pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A worker's current [`Proxy`]: a request loads it once and keeps that
+/// snapshot to its end, so a reload never changes a request mid-way.
+pub type ProxyHandle = Arc<ArcSwap<Proxy>>;
+
+impl Proxy {
+    pub fn new(generation: &Generation, upstreams: WorkerUpstreams) -> Self {
+        Self {
+            config: generation.config.clone(),
+            upstreams,
+            limits: generation.limits.clone(),
+            tcp_tls: generation.tcp_tls.clone(),
+        }
+    }
 }
 
 /// Headers that describe one hop's connection and never cross a proxy
@@ -169,11 +198,24 @@ impl Proxy {
         let id_header = &cfg.request_id_header;
         let (mut parts, body) = req.into_parts();
         let rid = request_id(&parts.headers, id_header);
+        let client_ip = down.peer.ip().to_canonical();
+        if let Err(limited) = self.limits.check_client(client_ip, started) {
+            return self.finish(
+                too_many_requests(&limited, &rid, id_header),
+                Logged::of(&parts),
+                &down,
+                &rid,
+                Served::local(None, None),
+                started,
+            );
+        }
 
         // Route.
         let host = routing::request_host(&parts.uri, &parts.headers);
         let path = parts.uri.path().to_owned();
-        let Some(route) = routing::find(&cfg.routes, host.as_deref(), &path, &parts.headers) else {
+        let Some((route_idx, route)) =
+            routing::find(&cfg.routes, host.as_deref(), &path, &parts.headers)
+        else {
             return self.finish(
                 error_response(
                     StatusCode::NOT_FOUND,
@@ -184,13 +226,21 @@ impl Proxy {
                 Logged::of(&parts),
                 &down,
                 &rid,
-                None,
-                None,
+                Served::local(None, None),
                 started,
-                true,
             );
         };
         let upstream = &cfg.upstreams[route.upstream];
+        if let Err(limited) = self.limits.check_route(route_idx, started) {
+            return self.finish(
+                too_many_requests(&limited, &rid, id_header),
+                Logged::of(&parts),
+                &down,
+                &rid,
+                Served::local(Some(&route.name), Some(&upstream.name)),
+                started,
+            );
+        }
 
         // Limits.
         let mut body = body;
@@ -211,10 +261,8 @@ impl Proxy {
                     Logged::of(&parts),
                     &down,
                     &rid,
-                    Some(&upstream.name),
-                    None,
+                    Served::local(Some(&route.name), Some(&upstream.name)),
                     started,
-                    true,
                 );
             }
             body = body::boxed(Limited::new(body, limit));
@@ -261,7 +309,6 @@ impl Proxy {
         // What the access log needs; the request itself moves on.
         let logged = (parts.method.clone(), parts.uri.clone());
         let req = Request::from_parts(parts, body);
-        let client_ip = down.peer.ip().to_canonical();
         let result = self.upstreams.forward(route.upstream, req, client_ip).await;
         let parts = Logged {
             method: &logged.0,
@@ -288,10 +335,14 @@ impl Proxy {
                     parts,
                     &down,
                     &rid,
-                    Some(&upstream.name),
-                    Some(&fwd.backend),
+                    Served {
+                        route: Some(&route.name),
+                        upstream: Some(&upstream.name),
+                        backend: Some(&fwd.backend),
+                        tries: fwd.tries,
+                        local: false,
+                    },
                     started,
-                    false,
                 )
             }
             Err(ForwardError {
@@ -299,6 +350,7 @@ impl Proxy {
                 detail,
                 retry_after,
                 backend,
+                tries,
             }) => {
                 let mut resp = error_response(status, &detail, &rid, id_header);
                 if let Some(secs) = retry_after {
@@ -310,46 +362,171 @@ impl Proxy {
                     parts,
                     &down,
                     &rid,
-                    Some(&upstream.name),
-                    backend.as_deref(),
+                    Served {
+                        route: Some(&route.name),
+                        upstream: Some(&upstream.name),
+                        backend: backend.as_deref(),
+                        tries,
+                        local: true,
+                    },
                     started,
-                    true,
                 )
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Counts the response and arranges for the request's duration, bytes
+    /// and access-log line to be recorded when its body ends.
     fn finish(
         &self,
         resp: Response<ProxyBody>,
         req: Logged<'_>,
         down: &Downstream,
         rid: &HeaderValue,
-        upstream: Option<&str>,
-        backend: Option<&str>,
+        served: Served<'_>,
         started: Instant,
-        local: bool,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
         crate::metrics::GLOBAL.record(
             crate::metrics::ClientProtocol::from_via(down.via_version),
             status,
-            local,
+            served.local,
         );
-        let fields = (
-            req.method.as_str(),
-            req.uri.authority().map_or("-", |a| a.as_str()),
-            req.uri.path(),
-            rid.to_str().unwrap_or("-"),
-        );
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        if status >= 500 {
-            warn!(target: "spooky::access", client = %down.peer, method = fields.0, authority = fields.1, path = fields.2, status, upstream = upstream.unwrap_or("-"), backend = backend.unwrap_or("-"), ms = format_args!("{ms:.1}"), request_id = fields.3, "request");
-        } else {
-            info!(target: "spooky::access", client = %down.peer, method = fields.0, authority = fields.1, path = fields.2, status, upstream = upstream.unwrap_or("-"), backend = backend.unwrap_or("-"), ms = format_args!("{ms:.1}"), request_id = fields.3, "request");
+        let route = served.route.unwrap_or("none");
+        LIVE.route_requests
+            .with_label_values(&[
+                route,
+                served.upstream.unwrap_or("none"),
+                crate::metrics::class_label(status),
+            ])
+            .inc();
+        let access = self.config.log.access.then(|| AccessLine {
+            client: down.peer,
+            method: req.method.to_string(),
+            authority: req.uri.authority().map_or("-", |a| a.as_str()).to_owned(),
+            path: req.uri.path().to_owned(),
+            request_id: rid.to_str().unwrap_or("-").to_owned(),
+            upstream: served.upstream.unwrap_or("-").to_owned(),
+            backend: served.backend.unwrap_or("-").to_owned(),
+            status,
+            tries: served.tries,
+        });
+        let (parts, body) = resp.into_parts();
+        let body = body::boxed(Completion {
+            inner: body,
+            bytes: 0,
+            started,
+            duration: LIVE.request_duration.with_label_values(&[route]),
+            access,
+        });
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Who served a request, for metrics and the access log.
+struct Served<'a> {
+    route: Option<&'a str>,
+    upstream: Option<&'a str>,
+    backend: Option<&'a str>,
+    tries: u32,
+    /// spooky generated the response itself.
+    local: bool,
+}
+
+impl<'a> Served<'a> {
+    fn local(route: Option<&'a str>, upstream: Option<&'a str>) -> Self {
+        Self {
+            route,
+            upstream,
+            backend: None,
+            tries: 0,
+            local: true,
         }
-        resp
+    }
+}
+
+/// The 429 for a rate-limited request.
+fn too_many_requests(
+    limited: &RateLimited,
+    rid: &HeaderValue,
+    id_header: &HeaderName,
+) -> Response<ProxyBody> {
+    LIVE.rate_limited.with_label_values(&[limited.scope]).inc();
+    let secs = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("{} rate limit exceeded", limited.scope),
+        rid,
+        id_header,
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// The access-log fields of a request, written when its body ends.
+struct AccessLine {
+    client: SocketAddr,
+    method: String,
+    authority: String,
+    path: String,
+    request_id: String,
+    upstream: String,
+    backend: String,
+    status: u16,
+    tries: u32,
+}
+
+/// The response body as the client receives it: counts bytes and, when
+/// the body ends (or the client goes away), records the request's
+/// duration and writes its access-log line.
+struct Completion {
+    inner: ProxyBody,
+    bytes: u64,
+    started: Instant,
+    duration: prometheus::Histogram,
+    access: Option<AccessLine>,
+}
+
+impl Body for Completion {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes += d.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        self.duration.observe(elapsed.as_secs_f64());
+        LIVE.response_bytes.inc_by(self.bytes);
+        let Some(a) = self.access.take() else { return };
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let complete = self.inner.is_end_stream();
+        if a.status >= 500 {
+            warn!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
+        } else {
+            info!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
+        }
     }
 }
 

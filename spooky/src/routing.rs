@@ -144,10 +144,11 @@ pub fn find<'r>(
     host: Option<&str>,
     path: &str,
     headers: &HeaderMap,
-) -> Option<&'r Route> {
+) -> Option<(usize, &'r Route)> {
     routes
         .iter()
-        .find(|r| r.matcher.matches(host, path, headers))
+        .enumerate()
+        .find(|(_, r)| r.matcher.matches(host, path, headers))
 }
 
 #[cfg(test)]

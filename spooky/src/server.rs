@@ -1,7 +1,8 @@
 //! Process lifecycle: from a validated config to running workers and back.
-//! Sets up TLS and keys, chooses and installs steering, starts the workers
-//! and the control tasks (health checks, admin, redirect), waits for a signal, drains
-//! and tears everything down (the XDP program is detached on the way out).
+//! Sets up keys, chooses and installs steering, starts the workers and the
+//! control tasks (health checks, admin, redirect), serves SIGHUP reloads
+//! until SIGTERM/SIGINT, then drains and tears everything down (the XDP
+//! program is detached on the way out).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,9 +15,9 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::reload::{Generation, ReloadError, Reloader};
 use crate::steering::{self, Effective, xdp::XdpSteering};
 use crate::tls;
-use crate::upstream::SharedUpstreams;
 use crate::worker::{self, WorkerEvent, WorkerShared};
 
 /// Why spooky could not start (or stopped abnormally).
@@ -58,29 +59,15 @@ fn state_secret(dir: &Path, name: &str) -> Result<[u8; 32], ServerError> {
     Ok(key)
 }
 
-/// Runs spooky until SIGINT or SIGTERM, then drains.
-pub fn run(config: Config) -> Result<(), ServerError> {
+/// Runs spooky until SIGINT or SIGTERM, then drains. `path` is the config
+/// file, re-read on SIGHUP and `POST /reload`.
+pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir).map_err(|source| ServerError::StateDir {
         path: config.state_dir.clone(),
         source,
     })?;
 
-    // TLS.
-    let (cert, key) = match &config.listen.tls {
-        Some(t) => (t.cert.clone(), t.key.clone()),
-        None => {
-            let (c, k, fresh) = tls::ensure_self_signed(&config.state_dir)?;
-            warn!(
-                cert = %c.display(),
-                fresh,
-                "NO `listen.tls` CONFIGURED: serving a SELF-SIGNED certificate for localhost. Clients must trust {} explicitly; configure listen.tls for production.",
-                c.display()
-            );
-            (c, k)
-        }
-    };
-    let server_crypto = Arc::new(tls::quic_server_config(&cert, &key)?);
     let reset_secret = state_secret(&config.state_dir, "stateless-reset.key")?;
     let reset_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret));
     let mut token_secret = [0u8; 64];
@@ -140,17 +127,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     info!(mode = mode.name(), reason = %why, workers = n, "packet steering");
     // HTTP/2 + HTTP/1.1 over TLS on the same port number (TCP).
-    let (tcp_listeners, tcp_tls) = if config.listen.tcp {
+    let tcp_listeners = if config.listen.tcp {
         let addr = std::net::SocketAddr::new(config.listen.addr.ip(), port);
         let listeners = crate::listener::tcp::bind_reuseport(addr, n)
             .map_err(|source| ServerError::TcpBind { addr, source })?;
-        let tls = Arc::new(tls::tcp_server_config(&cert, &key)?);
-        (
-            listeners.into_iter().map(Some).collect::<Vec<_>>(),
-            Some(tls),
-        )
+        listeners.into_iter().map(Some).collect::<Vec<_>>()
     } else {
-        ((0..n).map(|_| None).collect(), None)
+        (0..n).map(|_| None).collect()
     };
     let local = sockets
         .first()
@@ -163,16 +146,17 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .map_err(ServerError::Runtime)?;
     let _enter = rt.enter();
 
-    let upstreams =
-        Arc::new(SharedUpstreams::new(&config).map_err(|e| ServerError::Upstream(e.to_string()))?);
+    let first = Generation::first(config.clone()).map_err(|e| match e {
+        ReloadError::Tls(t) => ServerError::Tls(t),
+        other => ServerError::Upstream(other.to_string()),
+    })?;
+    let reloader = Arc::new(Reloader::new(path, first));
     let shared = Arc::new(WorkerShared {
-        config: config.clone(),
-        server_crypto,
+        layout: config.steering.layout,
         reset_key,
         token_key,
-        upstreams: upstreams.clone(),
-        tcp_tls,
         alt_svc: crate::listener::tcp::alt_svc(port, config.listen.alt_svc_max_age_s),
+        connections: reloader.connections.clone(),
     });
 
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -186,8 +170,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             socket,
             tcp,
             shared.clone(),
-            drain_rx.clone(),
-            ev_tx.clone(),
+            worker::WorkerChannels {
+                generations: reloader.subscribe(),
+                drain: drain_rx.clone(),
+                events: ev_tx.clone(),
+            },
         )
         .map_err(|e| ServerError::Worker {
             id,
@@ -234,33 +221,36 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let xdp = xdp.map(|x| Arc::new(std::sync::Mutex::new(x)));
 
     // Control tasks on this thread: health checks, the plain-HTTP
-    // redirect, signals.
-    let mut health = upstreams.start_health_checks();
+    // redirect, the admin listener, signals.
+    reloader.start_health_checks();
+    let mut control = Vec::new();
     if let Some(rp) = config.listen.http_redirect_port {
         let addr = std::net::SocketAddr::new(config.listen.addr.ip(), rp);
         let l = crate::listener::tcp::bind_reuseport(addr, 1)
             .map_err(|source| ServerError::TcpBind { addr, source })?;
         for l in l {
-            health.push(rt.spawn(crate::listener::tcp::serve_redirect(l, port)));
+            control.push(rt.spawn(crate::listener::tcp::serve_redirect(l, port)));
         }
     }
     let admin_state = Arc::new(crate::admin::AdminState {
-        upstreams: upstreams.clone(),
+        reloader: reloader.clone(),
         steering_mode: mode.name(),
         workers: n,
         xdp: xdp.clone(),
         started: std::time::Instant::now(),
         ready: std::sync::atomic::AtomicBool::new(true),
+        token: config.admin.as_ref().and_then(|a| a.token.clone()),
     });
-    if let Some(addr) = config.admin {
+    if let Some(admin) = &config.admin {
+        let addr = admin.addr;
         let task = rt
             .block_on(crate::admin::serve(addr, admin_state.clone()))
             .map_err(|source| ServerError::TcpBind { addr, source })?;
-        health.push(task);
+        control.push(task);
     }
     info!(%local, workers = n, mode = mode.name(), "spooky ready");
 
-    let signal = rt.block_on(wait_for_signal());
+    let signal = rt.block_on(serve_signals(&reloader));
     info!(signal, "draining");
     admin_state
         .ready
@@ -284,11 +274,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         });
         tokio::select! {
             _ = join => true,
-            s = wait_for_signal() => { warn!(signal = s, "second signal: exiting without drain"); false }
+            s = wait_for_stop() => { warn!(signal = s, "second signal: exiting without drain"); false }
         }
     });
-    for h in health {
-        h.abort();
+    reloader.stop_health_checks();
+    for t in control {
+        t.abort();
     }
     // Detach now rather than when the last reference (the admin state)
     // goes: the program must not outlive the sockets it steers to.
@@ -317,7 +308,28 @@ fn install_xdp(config: &Config, port: u16) -> Result<XdpSteering, steering::xdp:
     Ok(x)
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Serves SIGHUP (reload) until SIGTERM or SIGINT, which it returns.
+async fn serve_signals(reloader: &Reloader) -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install a SIGHUP handler; reload through the admin API");
+        return wait_for_stop().await;
+    };
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            s = &mut stop => return s,
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", "reloading the config");
+                // Errors are logged by the reloader.
+                let _ = reloader.reload();
+            }
+        }
+    }
+}
+
+async fn wait_for_stop() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -9,21 +9,26 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use spooky_common::CidLayout;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::cid::RoutableCidGenerator;
-use crate::config::Config;
+use crate::limits::ConnectionsPerClient;
 use crate::listener::{self, Activity};
-use crate::proxy::Proxy;
-use crate::upstream::{SharedUpstreams, WorkerUpstreams};
+use crate::metrics::LIVE;
+use crate::proxy::{Proxy, ProxyHandle};
+use crate::reload::Generation;
+use crate::upstream::WorkerUpstreams;
 
-/// Process-wide material every worker builds its endpoint from.
+/// Process-wide material every worker builds its endpoint from; what a
+/// reload may change comes with each [`Generation`] instead.
 pub struct WorkerShared {
-    pub config: Arc<Config>,
-    pub server_crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
+    /// The CID layout (restart-only: the XDP program reads it too).
+    pub layout: CidLayout,
     /// Stateless-reset key: the same in every worker and across restarts,
     /// so a worker can reset connections its predecessor in an earlier
     /// process owned (its CID validation still ignores other workers'
@@ -33,11 +38,10 @@ pub struct WorkerShared {
     /// Address-validation token key, shared so that a token issued by one
     /// worker validates on another.
     pub token_key: Arc<ring::hkdf::Prk>,
-    pub upstreams: Arc<SharedUpstreams>,
-    /// TLS for the TCP listener (HTTP/2, HTTP/1.1), when enabled.
-    pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
     /// `alt-svc` advertised on TCP responses.
     pub alt_svc: http::HeaderValue,
+    /// Open connections per client, across workers and generations.
+    pub connections: Arc<ConnectionsPerClient>,
 }
 
 /// What a worker reports to the main thread.
@@ -55,6 +59,16 @@ pub struct WorkerHandle {
     pub thread: JoinHandle<()>,
 }
 
+/// How the main thread talks to a worker.
+pub struct WorkerChannels {
+    /// New config generations.
+    pub generations: watch::Receiver<Arc<Generation>>,
+    /// Becomes true when the worker must drain.
+    pub drain: watch::Receiver<bool>,
+    /// Ready / failed / stopped.
+    pub events: mpsc::Sender<WorkerEvent>,
+}
+
 /// Starts worker `id` on `socket`, pinned to `cpu` when given.
 pub fn spawn(
     id: u8,
@@ -62,9 +76,13 @@ pub fn spawn(
     socket: UdpSocket,
     tcp: Option<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
-    drain: watch::Receiver<bool>,
-    events: mpsc::Sender<WorkerEvent>,
+    channels: WorkerChannels,
 ) -> std::io::Result<WorkerHandle> {
+    let WorkerChannels {
+        generations,
+        drain,
+        events,
+    } = channels;
     let thread = std::thread::Builder::new()
         .name(format!("spooky-w{id}"))
         .spawn(move || {
@@ -86,7 +104,15 @@ pub fn spawn(
                     return;
                 }
             };
-            if let Err(error) = rt.block_on(run(id, socket, tcp, shared, drain, events.clone())) {
+            if let Err(error) = rt.block_on(run(
+                id,
+                socket,
+                tcp,
+                shared,
+                generations,
+                drain,
+                events.clone(),
+            )) {
                 error!(worker = id, %error, "worker failed");
                 let _ = events.send(WorkerEvent::Failed { id, error });
                 return;
@@ -96,9 +122,9 @@ pub fn spawn(
     Ok(WorkerHandle { id, cpu, thread })
 }
 
-fn server_config(shared: &WorkerShared) -> quinn::ServerConfig {
-    let cfg = &shared.config;
-    let mut sc = quinn::ServerConfig::new(shared.server_crypto.clone(), shared.token_key.clone());
+fn server_config(shared: &WorkerShared, generation: &Generation) -> quinn::ServerConfig {
+    let cfg = &generation.config;
+    let mut sc = quinn::ServerConfig::new(generation.quic_tls.clone(), shared.token_key.clone());
     sc.transport_config(Arc::new(listener::server_transport(
         cfg.limits.max_concurrent_streams,
         cfg.timeouts.idle,
@@ -107,38 +133,79 @@ fn server_config(shared: &WorkerShared) -> quinn::ServerConfig {
     sc
 }
 
+/// Whether a new QUIC connection may proceed: the half-open cap, Retry
+/// for unvalidated addresses above the threshold (RFC 9000 §8.1.2: the
+/// client must prove it owns its address before we spend a handshake on
+/// it), the new-connection rate and the per-client connection limit.
+fn admit(
+    incoming: quinn::Incoming,
+    proxy: &Proxy,
+    shared: &WorkerShared,
+    activity: &Activity,
+) -> Option<(quinn::Incoming, crate::limits::ConnectionSlot)> {
+    let limits = &proxy.config.limits;
+    let in_progress = activity.handshakes.load(Ordering::Acquire);
+    let outcome = |o: &str| LIVE.handshakes.with_label_values(&[o]).inc();
+    if in_progress >= limits.max_handshakes_in_progress as usize {
+        outcome("refused_half_open");
+        incoming.ignore();
+        return None;
+    }
+    if !incoming.remote_address_validated()
+        && in_progress >= limits.retry_threshold as usize
+        && incoming.may_retry()
+    {
+        outcome("retry");
+        if let Err(e) = incoming.retry() {
+            // Only when a Retry is not allowed, which we checked.
+            e.into_incoming().ignore();
+        }
+        return None;
+    }
+    if !proxy.limits.check_handshake(Instant::now()) {
+        outcome("refused_rate");
+        incoming.refuse();
+        return None;
+    }
+    let Some(slot) = shared.connections.try_open(incoming.remote_address().ip()) else {
+        outcome("refused_per_client");
+        incoming.refuse();
+        return None;
+    };
+    Some((incoming, slot))
+}
+
 async fn run(
     id: u8,
     socket: UdpSocket,
     tcp: Option<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
+    mut generations: watch::Receiver<Arc<Generation>>,
     mut drain: watch::Receiver<bool>,
     events: mpsc::Sender<WorkerEvent>,
 ) -> Result<(), String> {
-    let cfg = shared.config.clone();
+    let generation = generations.borrow_and_update().clone();
     let mut endpoint_config = quinn::EndpointConfig::new(shared.reset_key.clone());
     // Clients may only clear the QUIC fixed bit ("greasing", RFC 9287) if
     // we allow it; the XDP program drops packets without it as not-QUIC.
     endpoint_config.grease_quic_bit(false);
+    let layout = shared.layout;
     endpoint_config.cid_generator(move || {
-        Box::new(RoutableCidGenerator::new(cfg.steering.layout, id))
+        Box::new(RoutableCidGenerator::new(layout, id))
             as Box<dyn quinn_proto::ConnectionIdGenerator>
     });
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
-        Some(server_config(&shared)),
+        Some(server_config(&shared, &generation)),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|e| format!("endpoint on {local}: {e}"))?;
     let client =
         crate::upstream::h3::client_endpoint().map_err(|e| format!("client endpoint: {e}"))?;
-    let upstreams = WorkerUpstreams::new(&shared.upstreams, client.clone(), &shared.config);
-    let proxy = Arc::new(Proxy {
-        config: shared.config.clone(),
-        upstreams,
-    });
+    let upstreams = WorkerUpstreams::new(&generation.upstreams, client.clone(), &generation.config);
+    let proxy: ProxyHandle = Arc::new(ArcSwap::from_pointee(Proxy::new(&generation, upstreams)));
     let activity = Arc::new(Activity::default());
 
     let reaper_proxy = proxy.clone();
@@ -146,21 +213,22 @@ async fn run(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            reaper_proxy.upstreams.reap(tokio::time::Instant::now());
+            reaper_proxy
+                .load()
+                .upstreams
+                .reap(tokio::time::Instant::now());
         }
     });
 
-    let tcp_task = match (tcp, &shared.tcp_tls) {
-        (Some(l), Some(tls)) => Some(tokio::spawn(listener::tcp::serve(
+    let tcp_task = tcp.map(|l| {
+        tokio::spawn(listener::tcp::serve(
             l,
-            tls.clone(),
-            shared.alt_svc.clone(),
+            shared.clone(),
             proxy.clone(),
             activity.clone(),
             drain.clone(),
-        ))),
-        _ => None,
-    };
+        ))
+    });
     listener::log_listening(id as usize, local);
     let _ = events.send(WorkerEvent::Ready { id });
 
@@ -168,12 +236,29 @@ async fn run(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Some((incoming, slot)) = admit(incoming, &proxy.load(), &shared, &activity) else {
+                    continue;
+                };
                 tokio::spawn(listener::serve_connection(
                     incoming,
+                    slot,
                     proxy.clone(),
                     activity.clone(),
                     drain.clone(),
                 ));
+            }
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let generation = generations.borrow_and_update().clone();
+                let current = proxy.load_full();
+                let upstreams = current.upstreams.reload(&generation.upstreams, client.clone(), &generation.config);
+                proxy.store(Arc::new(Proxy::new(&generation, upstreams)));
+                // New connections get the new certificate and limits; open
+                // ones keep theirs.
+                endpoint.set_server_config(Some(server_config(&shared, &generation)));
+                debug!(worker = id, generation = generation.number, "serving the new config generation");
             }
             changed = drain.changed() => {
                 if changed.is_err() || *drain.borrow() {
@@ -191,7 +276,7 @@ async fn run(
         // GOAWAY / connection: close and are counted in `activity`.
         let _ = tokio::time::timeout(Duration::from_millis(100), t).await;
     }
-    let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+    let deadline = tokio::time::Instant::now() + proxy.load().config.drain_timeout;
     loop {
         let conns = activity.connections.load(Ordering::Acquire);
         let reqs = activity.requests.load(Ordering::Acquire);
@@ -209,7 +294,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     endpoint.close(quinn::VarInt::from_u32(0x100), b"shutting down");
-    proxy.upstreams.close_all();
+    proxy.load().upstreams.close_all();
     reaper.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     client.close(quinn::VarInt::from_u32(0x100), b"shutting down");

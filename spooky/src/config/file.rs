@@ -259,6 +259,31 @@ pub struct LimitsConfig {
     pub max_concurrent_streams: u32,
     /// Largest request body; unset = unlimited (streamed).
     pub max_body_bytes: Option<u64>,
+    /// Requests per client IP (token bucket); unset = unlimited.
+    pub requests_per_ip: Option<RateConfig>,
+    /// Open connections (QUIC and TCP) per client IP; unset = unlimited.
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections (QUIC handshakes and TCP accepts) per second across
+    /// the process; beyond it they are refused. Unset = unlimited.
+    pub handshakes: Option<RateConfig>,
+    /// QUIC handshakes in progress per worker above which clients whose
+    /// address is not yet validated get a Retry (RFC 9000 §8.1.2) first;
+    /// 0 = always send Retry.
+    pub retry_threshold: u32,
+    /// Hard cap on QUIC handshakes in progress per worker; beyond it new
+    /// Initials are refused.
+    pub max_handshakes_in_progress: u32,
+}
+
+/// A token bucket: `per_second` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Sustained rate (requests or connections per second).
+    pub per_second: f64,
+    /// Bucket size; default: one second's worth (at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 impl Default for LimitsConfig {
@@ -267,6 +292,11 @@ impl Default for LimitsConfig {
             max_request_header_bytes: 16 * 1024,
             max_concurrent_streams: 100,
             max_body_bytes: None,
+            requests_per_ip: None,
+            max_connections_per_ip: None,
+            handshakes: None,
+            retry_threshold: 256,
+            max_handshakes_in_progress: 4096,
         }
     }
 }
@@ -339,12 +369,26 @@ pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a full filter
     /// directive. `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` (human-readable) or `json` (one object per line).
+    pub format: LogFormat,
+    /// One `spooky::access` line per request.
+    pub access: bool,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
+            access: true,
         }
     }
 }
@@ -355,6 +399,13 @@ impl Default for LogConfig {
 pub struct AdminConfig {
     /// `IP:PORT` of the plain-HTTP admin listener (metrics, health).
     pub address: String,
+    /// Bearer token every admin request must carry
+    /// (`authorization: Bearer TOKEN`). Required off loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the token (first line), instead of `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `routes[i]`.
@@ -369,6 +420,10 @@ pub struct RouteConfig {
     pub matcher: RouteMatchConfig,
     /// The upstream that serves matching requests.
     pub upstream: String,
+    /// Requests per second for this route, all clients together (token
+    /// bucket; 429 beyond it). Unset = unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RateConfig>,
 }
 
 /// `routes[i].match`.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use http::HeaderName;
 use spooky_common::CidLayout;
 
-pub use file::{FileConfig, SteeringMode, UpstreamProtocol};
+pub use file::{FileConfig, LogFormat, SteeringMode, UpstreamProtocol};
 
 use crate::balancer::BalancingConfig;
 use crate::health::{
@@ -162,6 +162,15 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
+    /// Requests per second for the route as a whole.
+    pub rate_limit: Option<Rate>,
+}
+
+/// A validated token-bucket rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 /// Packet steering.
@@ -179,6 +188,28 @@ pub struct Limits {
     pub max_request_header_bytes: u64,
     pub max_concurrent_streams: u32,
     pub max_body_bytes: Option<u64>,
+    pub requests_per_ip: Option<Rate>,
+    pub max_connections_per_ip: Option<u32>,
+    pub handshakes: Option<Rate>,
+    pub retry_threshold: u32,
+    pub max_handshakes_in_progress: u32,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub level: String,
+    pub format: LogFormat,
+    /// Access log on.
+    pub access: bool,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    /// Bearer token required on every request, when set.
+    pub token: Option<String>,
 }
 
 /// The validated configuration the proxy runs on.
@@ -190,9 +221,9 @@ pub struct Config {
     pub limits: Limits,
     pub request_id_header: HeaderName,
     pub steering: Steering,
-    pub log_level: String,
+    pub log: Log,
     pub state_dir: PathBuf,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
     /// Top-level timeouts (downstream idle timeout included).
     pub timeouts: Timeouts,
     /// How long a drain waits for in-flight requests.
@@ -380,6 +411,26 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             "must be at least 1; omit it for no limit",
         );
     }
+    let requests_per_ip = limits
+        .requests_per_ip
+        .as_ref()
+        .and_then(|r| check_rate(&mut c, r, "limits.requests_per_ip"));
+    let handshakes = limits
+        .handshakes
+        .as_ref()
+        .and_then(|r| check_rate(&mut c, r, "limits.handshakes"));
+    if limits.max_connections_per_ip == Some(0) {
+        c.err(
+            "limits.max_connections_per_ip",
+            "must be at least 1; omit it for no limit",
+        );
+    }
+    if limits.max_handshakes_in_progress == 0 {
+        c.err(
+            "limits.max_handshakes_in_progress",
+            "must be at least 1 (default 4096)",
+        );
+    }
     let request_id_header = match HeaderName::from_bytes(file.request_id.header.as_bytes()) {
         Ok(h) => h,
         Err(_) => {
@@ -465,6 +516,7 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
                 name: "default".into(),
                 matcher: RouteMatch::any(),
                 upstream: 0,
+                rate_limit: None,
             });
         }
     }
@@ -486,11 +538,18 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             r.matcher.path_prefix.as_deref(),
             &r.matcher.headers,
         ) {
-            Ok(matcher) => routes.push(Route {
-                name: r.name.clone().unwrap_or_else(|| path.clone()),
-                matcher,
-                upstream: idx,
-            }),
+            Ok(matcher) => {
+                let rate_limit = r
+                    .rate_limit
+                    .as_ref()
+                    .and_then(|rl| check_rate(&mut c, rl, &format!("{path}.rate_limit")));
+                routes.push(Route {
+                    name: r.name.clone().unwrap_or_else(|| path.clone()),
+                    matcher,
+                    upstream: idx,
+                    rate_limit,
+                })
+            }
             Err((field, message)) => c.err(format!("{path}.match.{field}"), message),
         }
     }
@@ -569,19 +628,10 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             ),
         );
     }
-    let admin = match &file.admin {
-        None => None,
-        Some(a) => match a.address.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                c.err(
-                    "admin.address",
-                    format!("`{}` is not IP:PORT, e.g. `127.0.0.1:9901`", a.address),
-                );
-                None
-            }
-        },
-    };
+    let admin = file
+        .admin
+        .as_ref()
+        .and_then(|a| check_admin(&mut c, a, &rel));
     let state_dir = file
         .state_dir
         .as_deref()
@@ -606,6 +656,11 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             max_request_header_bytes: limits.max_request_header_bytes,
             max_concurrent_streams: limits.max_concurrent_streams,
             max_body_bytes: limits.max_body_bytes,
+            requests_per_ip,
+            max_connections_per_ip: limits.max_connections_per_ip,
+            handshakes,
+            retry_threshold: limits.retry_threshold,
+            max_handshakes_in_progress: limits.max_handshakes_in_progress,
         },
         request_id_header,
         steering: Steering {
@@ -614,12 +669,94 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             layout,
             pin_workers: s.pin_workers,
         },
-        log_level: level.to_owned(),
+        log: Log {
+            level: level.to_owned(),
+            format: file.log.format,
+            access: file.log.access,
+        },
         state_dir,
         admin,
         timeouts,
         drain_timeout: Duration::from_millis(file.listen.drain_timeout_ms),
     })
+}
+
+fn check_rate(c: &mut Checker, r: &file::RateConfig, path: &str) -> Option<Rate> {
+    if !(r.per_second.is_finite() && r.per_second > 0.0) {
+        c.err(
+            format!("{path}.per_second"),
+            format!("`{}` must be a positive number, e.g. 100", r.per_second),
+        );
+        return None;
+    }
+    if r.burst == Some(0) {
+        c.err(
+            format!("{path}.burst"),
+            "must be at least 1; omit it for one second's worth",
+        );
+        return None;
+    }
+    let burst = r.burst.map_or(r.per_second.ceil().max(1.0), f64::from);
+    Some(Rate {
+        per_second: r.per_second,
+        burst,
+    })
+}
+
+/// Reads the admin section; a token is mandatory off loopback, since the
+/// admin API can drain backends and reload the config.
+fn check_admin(
+    c: &mut Checker,
+    a: &file::AdminConfig,
+    rel: &dyn Fn(&Path) -> PathBuf,
+) -> Option<Admin> {
+    let Ok(addr) = a.address.parse::<SocketAddr>() else {
+        c.err(
+            "admin.address",
+            format!("`{}` is not IP:PORT, e.g. `127.0.0.1:9901`", a.address),
+        );
+        return None;
+    };
+    let token = match (&a.token, &a.token_file) {
+        (Some(_), Some(_)) => {
+            c.err("admin.token_file", "set `token` or `token_file`, not both");
+            return None;
+        }
+        (Some(t), None) => Some(t.trim().to_owned()),
+        (None, Some(f)) => {
+            let path = rel(f);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Some(text.lines().next().unwrap_or("").trim().to_owned()),
+                Err(e) => {
+                    c.err(
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        (None, None) => None,
+    };
+    if let Some(t) = &token
+        && (t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        c.err(
+            "admin.token",
+            "must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)",
+        );
+        return None;
+    }
+    if token.is_none() && !addr.ip().is_loopback() {
+        c.err(
+            "admin.token",
+            format!(
+                "admin.address {addr} is not loopback: set `token` (or `token_file`) so the admin API is not open to the network, or bind 127.0.0.1"
+            ),
+        );
+        return None;
+    }
+    Some(Admin { addr, token })
 }
 
 fn check_timeouts(c: &mut Checker, t: &file::TimeoutsConfig, path: &str) -> Timeouts {

@@ -64,7 +64,8 @@ fn the_original_format_loads_unchanged() {
     let hc = u.backends[0].health_check.as_ref().unwrap();
     assert_eq!(hc.interval(), Duration::from_millis(5000));
     assert_eq!(c.routes.len(), 1, "an implicit catch-all route");
-    assert_eq!(c.log_level, "info");
+    assert_eq!(c.log.level, "info");
+    assert!(c.log.access);
     assert!(matches!(u.verification, Verification::SystemRoots));
 }
 

@@ -12,9 +12,11 @@ use http::Response;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{Activity, Counted};
+use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, SendBodyError};
-use crate::proxy::{Downstream, Proxy};
+use crate::limits::ConnectionSlot;
+use crate::metrics::LIVE;
+use crate::proxy::{Downstream, Proxy, ProxyHandle};
 
 type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 
@@ -22,20 +24,29 @@ type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 /// drains (then GOAWAY, finish in-flight requests, close).
 pub async fn serve_connection(
     incoming: quinn::Incoming,
-    proxy: Arc<Proxy>,
+    _slot: ConnectionSlot,
+    proxy: ProxyHandle,
     activity: Arc<Activity>,
     mut draining: watch::Receiver<bool>,
 ) {
     let _conn_guard = Counted::new(&activity.connections);
     let peer = incoming.remote_address();
+    let started = std::time::Instant::now();
+    let handshake = Counted::new(&activity.handshakes);
     let quic = match incoming.await {
         Ok(c) => c,
         Err(e) => {
+            LIVE.handshakes.with_label_values(&["failed"]).inc();
             debug!(%peer, error = %e, "handshake failed");
             return;
         }
     };
-    let max_header = proxy.config.limits.max_request_header_bytes;
+    drop(handshake);
+    LIVE.handshakes.with_label_values(&["accepted"]).inc();
+    LIVE.handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    let _open = GaugeGuard::new(&LIVE.quic_connections);
+    let max_header = proxy.load().config.limits.max_request_header_bytes;
     let mut h3: ServerConn = match h3::server::builder()
         .max_field_section_size(max_header)
         // Grease frames after a response's DATA hide the end of the stream
@@ -52,10 +63,18 @@ pub async fn serve_connection(
         }
     };
     debug!(%peer, "connection open");
+    // Requests of this connection still running: the h3 connection must
+    // outlive them (dropping it closes the QUIC connection).
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut goaway_sent = *draining.borrow();
+    // While draining, the connection counts as work in flight until it has
+    // delivered everything (see `settle`), so the worker's drain waits.
+    let mut drain_guard = None;
     if goaway_sent {
+        drain_guard = Some(Counted::new(&activity.requests));
         let _ = h3.shutdown(0).await;
     }
+    let mut drained_check = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
             accepted = h3.accept() => match accepted {
@@ -63,10 +82,14 @@ pub async fn serve_connection(
                     // quinn tracks the client's current address: it changes
                     // when the client migrates.
                     let peer_now = quic.remote_address();
-                    let proxy = proxy.clone();
+                    // The generation current now serves the whole request.
+                    let proxy = proxy.load_full();
                     let activity = activity.clone();
+                    let in_flight = in_flight.clone();
                     tokio::spawn(async move {
                         let _req_guard = Counted::new(&activity.requests);
+                        let _conn_req = Counted::new(&in_flight);
+                        let _stream = GaugeGuard::new(&LIVE.quic_streams);
                         let down = Downstream {
                             peer: peer_now,
                             via_version: "3",
@@ -88,15 +111,60 @@ pub async fn serve_connection(
             changed = draining.changed(), if !goaway_sent => {
                 if changed.is_err() || *draining.borrow() {
                     goaway_sent = true;
-                    // GOAWAY: no new requests; in-flight ones finish.
+                    drain_guard = Some(Counted::new(&activity.requests));
+                    // GOAWAY: no new requests; in-flight ones finish. Its
+                    // stream id is the next one not yet accepted, so every
+                    // request the client may still send is refused by the
+                    // client itself (and safe to retry elsewhere).
                     if let Err(e) = h3.shutdown(0).await {
                         debug!(%peer, error = %e, "GOAWAY failed");
                     }
                 }
             }
+            // h3 keeps `accept` pending after GOAWAY until the client
+            // closes: leave once the accepted requests are done.
+            _ = drained_check.tick(), if goaway_sent => {
+                if in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    break;
+                }
+            }
         }
     }
+    // Responses may still be streaming when `accept` ends.
+    while in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if goaway_sent {
+        settle(&quic).await;
+    }
+    drop(drain_guard);
     debug!(%peer, "connection closed");
+}
+
+/// Waits until the connection has delivered what its finished responses
+/// left in quinn's send buffers (up to the connection's send window): a
+/// close now would discard unacknowledged stream data and cut the tails of
+/// downloads that spooky considers complete. Done when the client closes,
+/// or when nothing was sent for a second (and four round trips): all data
+/// is acknowledged, or the client stopped reading. quinn does not expose
+/// the unacknowledged byte count, so silence is the signal; a second
+/// outlasts the loss-recovery probes (which back off exponentially) of a
+/// client that pauses briefly, e.g. on a busy CPU. The worker's drain
+/// deadline bounds it.
+async fn settle(quic: &quinn::Connection) {
+    let mut sent = quic.stats().udp_tx.bytes;
+    loop {
+        let quiet = (quic.rtt() * 4).max(Duration::from_secs(1));
+        tokio::select! {
+            _ = quic.closed() => return,
+            _ = tokio::time::sleep(quiet) => {}
+        }
+        let now = quic.stats().udp_tx.bytes;
+        if now == sent {
+            return;
+        }
+        sent = now;
+    }
 }
 
 async fn serve_request(
@@ -147,9 +215,11 @@ async fn send_response(
         Err(SendBodyError::Source(e)) => {
             // The backend's body failed mid-way: the reset tells the client
             // the response is incomplete.
+            LIVE.stream_resets.with_label_values(&["spooky"]).inc();
             warn!(peer = %down.peer, error = %e, "response body failed; stream reset");
         }
         Err(SendBodyError::Peer(e)) => {
+            LIVE.stream_resets.with_label_values(&["client"]).inc();
             debug!(peer = %down.peer, error = %e, "client stopped reading the response");
         }
     }

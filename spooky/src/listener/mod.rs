@@ -16,6 +16,8 @@ pub use h3::{log_listening, serve_connection, server_transport};
 pub struct Activity {
     pub connections: AtomicUsize,
     pub requests: AtomicUsize,
+    /// QUIC handshakes in progress (for Retry and the half-open cap).
+    pub handshakes: AtomicUsize,
 }
 
 /// Holds one count in an [`Activity`] counter while alive.
@@ -31,5 +33,21 @@ impl<'a> Counted<'a> {
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Holds one unit of a Prometheus gauge while alive.
+pub(crate) struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    pub(crate) fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

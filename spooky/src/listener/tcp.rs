@@ -19,9 +19,12 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use super::{Activity, Counted};
+use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, IdleTimeout};
-use crate::proxy::{Downstream, Proxy};
+use crate::limits::ConnectionSlot;
+use crate::metrics::LIVE;
+use crate::proxy::{Downstream, ProxyHandle};
+use crate::worker::WorkerShared;
 
 /// A TLS handshake that takes longer than this is abandoned: slow-loris
 /// protection for the one phase before HTTP's own timeouts apply.
@@ -55,12 +58,13 @@ pub fn alt_svc(port: u16, max_age_s: u64) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("clear"))
 }
 
-/// Accepts TLS connections until the worker drains.
+/// Accepts TLS connections until the worker drains. Each connection
+/// uses the TLS config and limits of the generation current when it
+/// arrives.
 pub async fn serve(
     listener: StdTcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    alt_svc: HeaderValue,
-    proxy: Arc<Proxy>,
+    shared: Arc<WorkerShared>,
+    proxy: ProxyHandle,
     activity: Arc<Activity>,
     mut draining: watch::Receiver<bool>,
 ) {
@@ -71,16 +75,26 @@ pub async fn serve(
             return;
         }
     };
-    let acceptor = TlsAcceptor::from(tls);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let current = proxy.load();
+                    let Some(tls) = current.tcp_tls.clone() else { continue };
+                    if !current.limits.check_handshake(std::time::Instant::now()) {
+                        LIVE.tcp_refused.with_label_values(&["rate"]).inc();
+                        continue;
+                    }
+                    let Some(slot) = shared.connections.try_open(peer.ip()) else {
+                        LIVE.tcp_refused.with_label_values(&["per_client"]).inc();
+                        continue;
+                    };
                     tokio::spawn(serve_connection(
                         stream,
                         peer,
-                        acceptor.clone(),
-                        alt_svc.clone(),
+                        slot,
+                        TlsAcceptor::from(tls),
+                        shared.alt_svc.clone(),
                         proxy.clone(),
                         activity.clone(),
                         draining.clone(),
@@ -102,16 +116,19 @@ pub async fn serve(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    _slot: ConnectionSlot,
     acceptor: TlsAcceptor,
     alt_svc: HeaderValue,
-    proxy: Arc<Proxy>,
+    proxy: ProxyHandle,
     activity: Arc<Activity>,
     mut draining: watch::Receiver<bool>,
 ) {
     let _conn_guard = Counted::new(&activity.connections);
+    let _open = GaugeGuard::new(&LIVE.tcp_connections);
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -123,7 +140,8 @@ async fn serve_connection(
             return;
         }
     };
-    let cfg = &proxy.config;
+    let current = proxy.load_full();
+    let cfg = &current.config;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -143,7 +161,8 @@ async fn serve_connection(
     let idle = cfg.timeouts.idle;
     let activity_for_requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
+        // Each request is served by the generation current when it arrives.
+        let proxy = proxy.load_full();
         let alt_svc = alt_svc.clone();
         let activity = activity_for_requests.clone();
         async move {

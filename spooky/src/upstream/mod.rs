@@ -89,7 +89,7 @@ impl UpstreamError {
     }
 }
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -105,6 +105,73 @@ use crate::health::{
 };
 use crate::tls;
 
+/// An operator's say over a backend, set through the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Takes traffic (when healthy).
+    Enabled,
+    /// No new requests; in-flight ones finish on their connections.
+    Draining,
+    /// No requests; the workers' connections to it are closed once idle.
+    Disabled,
+}
+
+impl Control {
+    pub fn name(self) -> &'static str {
+        match self {
+            Control::Enabled => "enabled",
+            Control::Draining => "draining",
+            Control::Disabled => "disabled",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Control::Enabled => 0,
+            Control::Draining => 1,
+            Control::Disabled => 2,
+        }
+    }
+
+    fn from_code(v: u8) -> Self {
+        match v {
+            1 => Control::Draining,
+            2 => Control::Disabled,
+            _ => Control::Enabled,
+        }
+    }
+}
+
+/// What a backend keeps across config reloads while it stays (same
+/// upstream, id and address): health, operator control, weight override
+/// and the connection epoch.
+#[derive(Debug)]
+pub struct BackendState {
+    /// Published by the active health checker (a `HealthState` code).
+    health: AtomicU8,
+    /// Whether an active check has classified the backend yet.
+    probed: AtomicBool,
+    /// Bumped when the workers must drop their connections to this backend
+    /// and start afresh (see [`SharedBackend::renew_connections`]).
+    epoch: AtomicU64,
+    /// A [`Control`] code.
+    control: AtomicU8,
+    /// The weight the balancers use (the config's, or the admin API's).
+    weight: AtomicU32,
+}
+
+impl BackendState {
+    fn new(weight: u32) -> Self {
+        Self {
+            health: AtomicU8::new(0),
+            probed: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            control: AtomicU8::new(Control::Enabled.code()),
+            weight: AtomicU32::new(weight),
+        }
+    }
+}
+
 /// Process-wide state of one backend, shared by every worker (atomics
 /// only on the request path).
 pub struct SharedBackend {
@@ -113,20 +180,16 @@ pub struct SharedBackend {
     pub label: String,
     /// In-flight requests and latency EWMA, for the balancers.
     pub stats: Arc<BackendStats>,
-    /// Published by the active health checker (a `HealthState` code).
-    health: AtomicU8,
+    state: Arc<BackendState>,
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// Requests, responses and failures, for metrics.
-    pub counters: crate::metrics::BackendCounters,
-    /// Bumped when the workers must drop their connections to this backend
-    /// and start afresh (see [`SharedBackend::renew_connections`]).
-    epoch: AtomicU64,
+    pub counters: Arc<crate::metrics::BackendCounters>,
 }
 
 impl SharedBackend {
     /// The last state the active checker published.
     pub fn health(&self) -> HealthState {
-        match self.health.load(Ordering::Acquire) {
+        match self.state.health.load(Ordering::Acquire) {
             1 => HealthState::Degraded,
             2 => HealthState::Unhealthy,
             3 => HealthState::Recovering,
@@ -142,7 +205,42 @@ impl SharedBackend {
             HealthState::Unhealthy => 2,
             HealthState::Recovering => 3,
         };
-        self.health.store(v, Ordering::Release);
+        self.state.probed.store(true, Ordering::Release);
+        self.state.health.store(v, Ordering::Release);
+    }
+
+    /// The health state a (re)started checker continues from: `None` when
+    /// no check has classified the backend yet.
+    pub fn checked_health(&self) -> Option<HealthState> {
+        self.state
+            .probed
+            .load(Ordering::Acquire)
+            .then(|| self.health())
+    }
+
+    /// The operator's control state.
+    pub fn control(&self) -> Control {
+        Control::from_code(self.state.control.load(Ordering::Acquire))
+    }
+
+    /// Changes the operator's control state; disabling closes the workers'
+    /// idle connections to it.
+    pub fn set_control(&self, c: Control) -> Control {
+        let before = Control::from_code(self.state.control.swap(c.code(), Ordering::AcqRel));
+        if c == Control::Disabled && before != Control::Disabled {
+            self.renew_connections();
+        }
+        before
+    }
+
+    /// The weight the balancers use now.
+    pub fn weight(&self) -> u32 {
+        self.state.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the balancing weight (≥ 1).
+    pub fn set_weight(&self, w: u32) -> u32 {
+        self.state.weight.swap(w.max(1), Ordering::Relaxed)
     }
 
     /// Tells every worker to replace its pool for this backend before its
@@ -156,18 +254,24 @@ impl SharedBackend {
     /// the silent connections until their idle timeout (30 s and more),
     /// long after the backend is back.
     pub fn renew_connections(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.state.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.state.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether `self` (from a newer config) is the same backend as `old`:
+    /// same upstream, id and address. It then inherits `old`'s state.
+    fn same_as(&self, old: &SharedBackend) -> bool {
+        self.label == old.label && self.cfg.addr == old.cfg.addr
     }
 }
 
 /// Process-wide state of one upstream.
 pub struct SharedUpstream {
     pub cfg: config::Upstream,
-    pub backends: Vec<SharedBackend>,
+    pub backends: Vec<Arc<SharedBackend>>,
     pub outliers: Option<OutlierPool>,
     pub retry: RetryConfig,
     pub retry_budget: RetryBudget,
@@ -187,7 +291,8 @@ impl SharedUpstream {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                b.health().is_routable()
+                b.control() == Control::Enabled
+                    && b.health().is_routable()
                     && !self.outliers.as_ref().is_some_and(|o| o.is_ejected(i, now))
             })
             .collect();
@@ -196,11 +301,15 @@ impl SharedUpstream {
             Selection::Normal => self.note_panic(false, healthy),
             Selection::Panic => {
                 self.note_panic(true, healthy);
-                eligible.fill(true);
+                // Panic overrides health, not the operator.
+                for (e, b) in eligible.iter_mut().zip(&self.backends) {
+                    *e = b.control() == Control::Enabled;
+                }
             }
             Selection::NoneAvailable { retry_after } => {
                 self.note_panic(false, healthy);
                 return Err(ForwardError {
+                    tries: 0,
                     status: http::StatusCode::SERVICE_UNAVAILABLE,
                     detail: format!("no healthy backend in upstream `{}`", self.cfg.name),
                     retry_after: Some(retry_after.as_secs().max(1)),
@@ -224,6 +333,7 @@ impl SharedUpstream {
         Err(match refused {
             Some((id, r)) => breaker_error(id, &r),
             None => ForwardError {
+                tries: 0,
                 status: http::StatusCode::SERVICE_UNAVAILABLE,
                 detail: format!("no available backend in upstream `{}`", self.cfg.name),
                 retry_after: Some(self.cfg.panic.all_down.retry_after_s.max(1)),
@@ -281,6 +391,7 @@ fn breaker_error(id: &str, r: &Rejected) -> ForwardError {
         .map_or(1, |d| d.as_millis().div_ceil(1000) as u64)
         .max(1);
     ForwardError {
+        tries: 0,
         status: http::StatusCode::SERVICE_UNAVAILABLE,
         detail: format!("backend {id}: {r}"),
         retry_after: Some(retry_after),
@@ -306,6 +417,19 @@ pub enum SetupError {
 impl SharedUpstreams {
     /// Builds the shared state (TLS client configs included) for `config`.
     pub fn new(config: &Arc<Config>) -> Result<Self, SetupError> {
+        Self::build(config, None)
+    }
+
+    /// Builds the state for a reloaded `config`. Backends that stay (same
+    /// upstream, id and address) keep their health, operator control,
+    /// weight override, counters, balancer statistics and circuit breaker
+    /// (when its settings did not change); a weight changed in the file
+    /// replaces an override.
+    pub fn reload(config: &Arc<Config>, previous: &SharedUpstreams) -> Result<Self, SetupError> {
+        Self::build(config, Some(previous))
+    }
+
+    fn build(config: &Arc<Config>, previous: Option<&SharedUpstreams>) -> Result<Self, SetupError> {
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
             if matches!(u.verification, tls::Verification::InsecureSkipVerify) {
@@ -316,20 +440,53 @@ impl SharedUpstreams {
                     upstream: u.name.clone(),
                     source,
                 })?;
+            let old_up = previous.and_then(|p| p.upstreams.iter().find(|o| o.cfg.name == u.name));
             let backends = u
                 .backends
                 .iter()
-                .map(|b| SharedBackend {
-                    cfg: b.clone(),
-                    label: format!("{}/{}", u.name, b.id),
-                    stats: Arc::new(BackendStats::with_decay(u.balancing.ewma_decay())),
-                    health: AtomicU8::new(0),
-                    breaker: u
-                        .circuit_breaker
-                        .as_ref()
-                        .map(|c| Arc::new(CircuitBreaker::new(c))),
-                    counters: Default::default(),
-                    epoch: AtomicU64::new(0),
+                .map(|b| {
+                    let label = format!("{}/{}", u.name, b.id);
+                    let old = old_up.and_then(|o| {
+                        o.backends
+                            .iter()
+                            .find(|ob| ob.label == label && ob.cfg.addr == b.addr)
+                    });
+                    let fresh_breaker = || {
+                        u.circuit_breaker
+                            .as_ref()
+                            .map(|c| Arc::new(CircuitBreaker::new(c)))
+                    };
+                    match (old, old_up) {
+                        (Some(ob), Some(ou)) => {
+                            if ob.cfg.weight != b.weight {
+                                ob.state.weight.store(b.weight, Ordering::Relaxed);
+                            }
+                            let same_breaker = format!("{:?}", ou.cfg.circuit_breaker)
+                                == format!("{:?}", u.circuit_breaker);
+                            Arc::new(SharedBackend {
+                                cfg: b.clone(),
+                                label,
+                                stats: ob.stats.clone(),
+                                state: ob.state.clone(),
+                                breaker: if same_breaker {
+                                    ob.breaker.clone()
+                                } else {
+                                    fresh_breaker()
+                                },
+                                counters: ob.counters.clone(),
+                            })
+                        }
+                        _ => Arc::new(SharedBackend {
+                            cfg: b.clone(),
+                            counters: Arc::new(crate::metrics::BackendCounters::new(
+                                &u.name, &b.id,
+                            )),
+                            label,
+                            stats: Arc::new(BackendStats::with_decay(u.balancing.ewma_decay())),
+                            state: Arc::new(BackendState::new(b.weight)),
+                            breaker: fresh_breaker(),
+                        }),
+                    }
                 })
                 .collect::<Vec<_>>();
             let retry = u.retries.clone().unwrap_or_default();
@@ -348,6 +505,29 @@ impl SharedUpstreams {
         }
         Ok(Self { upstreams })
     }
+
+    /// The backend `id` of upstream `upstream`.
+    pub fn backend(&self, upstream: &str, id: &str) -> Option<&Arc<SharedBackend>> {
+        self.upstreams
+            .iter()
+            .find(|u| u.cfg.name == upstream)?
+            .backends
+            .iter()
+            .find(|b| b.cfg.id == id)
+    }
+}
+
+/// Whether connections to `old`'s backends can carry `new`'s requests:
+/// protocol, TLS and pool settings are the same.
+fn same_connections(old: &config::Upstream, new: &config::Upstream) -> bool {
+    old.protocol == new.protocol
+        && old.tls_enabled == new.tls_enabled
+        && old.sni == new.sni
+        && old.client_auth == new.client_auth
+        && format!("{:?}", old.verification) == format!("{:?}", new.verification)
+        && format!("{:?}", old.pool) == format!("{:?}", new.pool)
+        && old.timeouts.connect == new.timeouts.connect
+        && old.timeouts.idle == new.timeouts.idle
 }
 
 /// One worker's client for one backend, replaced when the backend's
@@ -389,7 +569,9 @@ impl WorkerPool {
 struct WorkerUpstream {
     shared: Arc<SharedUpstream>,
     balancer: Mutex<Box<dyn Balance>>,
-    pools: Vec<WorkerPool>,
+    /// Shared with the previous generation's view across a reload, so
+    /// that in-flight requests and new ones use the same connections.
+    pools: Vec<Arc<WorkerPool>>,
 }
 
 /// One worker's upstreams, indexed like `Config::upstreams`.
@@ -406,6 +588,8 @@ pub struct Forwarded {
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     /// `via` version token of the backend hop (`3`, `2`, `1.1`).
     pub via_version: &'static str,
+    /// Tries made (1 without retries).
+    pub tries: u32,
 }
 
 /// Why no backend response could be returned.
@@ -417,6 +601,8 @@ pub struct ForwardError {
     pub retry_after: Option<u64>,
     /// The backend of the last try, if any.
     pub backend: Option<String>,
+    /// Tries made (0 when none could be).
+    pub tries: u32,
 }
 
 /// A backend response kept while a retry is attempted: the client gets
@@ -429,27 +615,64 @@ struct Held {
 impl WorkerUpstreams {
     /// Builds this worker's balancers and pools over the shared state.
     pub fn new(shared: &SharedUpstreams, client: quinn::Endpoint, config: &Config) -> Self {
+        Self::build(shared, client, config, None)
+    }
+
+    /// This worker's view of a reloaded config: pools of backends that
+    /// stay, with unchanged connection settings, are carried over with
+    /// their open connections.
+    pub fn reload(
+        &self,
+        shared: &SharedUpstreams,
+        client: quinn::Endpoint,
+        config: &Config,
+    ) -> Self {
+        Self::build(shared, client, config, Some(self))
+    }
+
+    fn build(
+        shared: &SharedUpstreams,
+        client: quinn::Endpoint,
+        config: &Config,
+        previous: Option<&WorkerUpstreams>,
+    ) -> Self {
         let max_header_bytes = config.limits.max_request_header_bytes;
         let ups = shared
             .upstreams
             .iter()
-            .map(|u| WorkerUpstream {
-                balancer: Mutex::new(balancer::build(&u.cfg.balancing)),
-                pools: u
-                    .backends
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, b)| {
-                        let c = u.backend_client(i, b.label.clone(), &client, max_header_bytes)?;
-                        Some(WorkerPool {
-                            label: b.label.clone(),
-                            endpoint: client.clone(),
-                            max_header_bytes,
-                            current: Mutex::new((b.epoch(), Arc::new(c))),
+            .map(|u| {
+                let old = previous
+                    .and_then(|p| p.ups.iter().find(|o| o.shared.cfg.name == u.cfg.name))
+                    .filter(|o| same_connections(&o.shared.cfg, &u.cfg));
+                WorkerUpstream {
+                    balancer: Mutex::new(balancer::build(&u.cfg.balancing)),
+                    pools: u
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, b)| {
+                            let kept = old.and_then(|o| {
+                                o.shared
+                                    .backends
+                                    .iter()
+                                    .position(|ob| b.same_as(ob))
+                                    .and_then(|oi| o.pools.get(oi))
+                            });
+                            if let Some(pool) = kept {
+                                return Some(pool.clone());
+                            }
+                            let c =
+                                u.backend_client(i, b.label.clone(), &client, max_header_bytes)?;
+                            Some(Arc::new(WorkerPool {
+                                label: b.label.clone(),
+                                endpoint: client.clone(),
+                                max_header_bytes,
+                                current: Mutex::new((b.epoch(), Arc::new(c))),
+                            }))
                         })
-                    })
-                    .collect(),
-                shared: u.clone(),
+                        .collect(),
+                    shared: u.clone(),
+                }
             })
             .collect();
         Self { ups }
@@ -458,7 +681,7 @@ impl WorkerUpstreams {
     /// Closes idle backend connections.
     pub fn reap(&self, now: tokio::time::Instant) {
         for u in &self.ups {
-            for p in u.pools.iter().filter_map(WorkerPool::get) {
+            for p in u.pools.iter().filter_map(|p| p.get()) {
                 p.reap(now);
             }
         }
@@ -467,7 +690,7 @@ impl WorkerUpstreams {
     /// Closes every backend connection.
     pub fn close_all(&self) {
         for u in &self.ups {
-            for p in u.pools.iter().filter_map(WorkerPool::get) {
+            for p in u.pools.iter().filter_map(|p| p.get()) {
                 p.close_all();
             }
         }
@@ -489,6 +712,7 @@ impl WorkerUpstreams {
     ) -> Result<Forwarded, ForwardError> {
         let Some(up) = self.ups.get(idx) else {
             return Err(ForwardError {
+                tries: 0,
                 status: http::StatusCode::INTERNAL_SERVER_ERROR,
                 detail: "route names an unknown upstream".into(),
                 retry_after: None,
@@ -538,7 +762,7 @@ impl WorkerUpstreams {
                     .zip(&eligible)
                     .map(|(b, &eligible)| BackendView {
                         id: &b.cfg.id,
-                        weight: b.cfg.weight,
+                        weight: b.weight(),
                         stats: &b.stats,
                         eligible,
                     }),
@@ -601,6 +825,7 @@ impl WorkerUpstreams {
                     let status = resp.status().as_u16();
                     backend.counters.response(status);
                     backend.stats.record_latency(done - now, done);
+                    backend.counters.latency.observe((done - now).as_secs_f64());
                     let ok = status < 500;
                     if let Some(o) = &shared.outliers {
                         let outcome = if ok {
@@ -677,6 +902,7 @@ impl WorkerUpstreams {
             }
             debug!(backend = %backend.label, error = %error, attempt, "try failed");
             last = Some(ForwardError {
+                tries: 0,
                 status: error.status(),
                 detail: short_detail(&error),
                 retry_after: None,
@@ -695,15 +921,28 @@ impl WorkerUpstreams {
                 break;
             }
         }
-        if let Some(Held { response, backend }) = held {
-            return Ok(deliver(up, &views, response, backend, &info));
+        let tries = tried.len() as u32;
+        if tries > 1 {
+            crate::metrics::LIVE
+                .retries
+                .with_label_values(&[&shared.cfg.name])
+                .inc_by(u64::from(tries - 1));
         }
-        Err(last.unwrap_or(ForwardError {
-            status: http::StatusCode::BAD_GATEWAY,
-            detail: "no backend answered".into(),
-            retry_after: None,
-            backend: None,
-        }))
+        if let Some(Held { response, backend }) = held {
+            let mut fwd = deliver(up, &views, response, backend, &info);
+            fwd.tries = tries;
+            return Ok(fwd);
+        }
+        Err(last.map_or(
+            ForwardError {
+                tries,
+                status: http::StatusCode::BAD_GATEWAY,
+                detail: "no backend answered".into(),
+                retry_after: None,
+                backend: None,
+            },
+            |e| ForwardError { tries, ..e },
+        ))
     }
 }
 
@@ -737,6 +976,7 @@ fn deliver(
             .map(|c| (http::header::SET_COOKIE, c))
             .into_iter()
             .collect(),
+        tries: 1,
     }
 }
 

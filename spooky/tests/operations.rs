@@ -1,0 +1,715 @@
+//! Operations end to end, through real processes and sockets: hot reload
+//! under HTTP/3 load (SIGHUP, `POST /reload`, `spooky reload`), invalid
+//! reloads, the admin API (backend drain / enable / weight, bearer token),
+//! `/metrics` against the requests sent, rate limits, per-client
+//! connection limits, QUIC Retry, and SIGTERM during long downloads.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spooky::client::H3Client;
+use support::*;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A config with an admin listener (token-protected) on `admin`.
+fn config(upstreams: &str, admin: u16, extra: &str) -> String {
+    format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2, drain_timeout_ms: 20000 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\", token: {TOKEN} }}\nlog: {{ access: false }}\nupstreams:\n{upstreams}{extra}"
+    )
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One admin request over HTTP/1.1: (status, body).
+fn admin(port: u16, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n{auth}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad admin response: {out}"));
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1);
+    // Chunked bodies (JSON) carry size lines; tests only search them.
+    (status, body.to_owned())
+}
+
+/// Parses the Prometheus text format into `name{labels}` → value, with
+/// labels in the order the encoder wrote them (sorted by name).
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let (status, text) = admin(port, "GET", "/metrics", "", Some(TOKEN));
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+fn who(resp: &http::Response<()>) -> String {
+    resp.headers()["x-backend-id"].to_str().unwrap().to_owned()
+}
+
+/// Rewrites the running config file (the test's `spooky.yaml`).
+fn rewrite(sp: &Spooky, config: &str) {
+    let text = config.replace("PORT", &sp.port.to_string());
+    std::fs::write(
+        sp.dir.path().join("spooky.yaml"),
+        format!("state_dir: state\n{text}"),
+    )
+    .unwrap();
+}
+
+fn count_lines(sp: &Spooky, needle: &str) -> usize {
+    sp.proc
+        .out
+        .lines()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+fn wait_for_lines(sp: &Spooky, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_lines(sp, needle) < n {
+        assert!(Instant::now() < deadline, "no {n}× `{needle}` in the log");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn reload_under_load_moves_traffic_without_failures() {
+    let certs = certs();
+    let (_o1, o1) = backend("old-1", &certs, &[]);
+    let (_o2, o2) = backend("old-2", &certs, &[]);
+    let (_n1, n1) = backend("new-1", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let before = config(
+        &upstream_yaml("app", &certs, &[("old-1", o1), ("old-2", o2)], ""),
+        admin_port,
+        "",
+    );
+    let sp = spooky(&before);
+
+    // Load: 4 connections, 4 streams each, for the whole test; a 32 MiB
+    // download is in flight across the reload.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log: Arc<Mutex<Vec<(Instant, u16, String)>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = Arc::new(sp.client().await);
+        for _ in 0..4 {
+            let (client, stop, log, failures) =
+                (client.clone(), stop.clone(), log.clone(), failures.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match client.get("/").await {
+                        Ok((resp, _)) => {
+                            log.lock()
+                                .unwrap()
+                                .push((started, resp.status().as_u16(), who(&resp)))
+                        }
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            }));
+        }
+    }
+    let big = sp.client().await;
+    let download = tokio::spawn(async move { download_checked(&big, 32 << 20).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Same upstream, one new backend instead of the two old ones.
+    rewrite(
+        &sp,
+        &config(
+            &upstream_yaml("app", &certs, &[("new-1", n1)], ""),
+            admin_port,
+            "",
+        ),
+    );
+    let sent = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-HUP", &sp.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    wait_for_lines(&sp, "config reloaded", 1);
+    let reloaded = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    download.await.unwrap();
+
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    let log = log.lock().unwrap();
+    let bad: Vec<_> = log.iter().filter(|(_, s, _)| *s != 200).collect();
+    assert!(bad.is_empty(), "non-200 responses: {bad:?}");
+    let before_reload = log.iter().filter(|(t, _, _)| *t < sent).count();
+    // Requests that started after the workers picked the generation up
+    // (the log line plus a margin for the workers' wake-up) go to the new
+    // backend only.
+    let settled = reloaded + Duration::from_millis(100);
+    let after: Vec<_> = log.iter().filter(|(t, _, _)| *t > settled).collect();
+    let on_old = after.iter().filter(|(_, _, w)| w != "new-1").count();
+    eprintln!(
+        "reload under load: {} requests, {before_reload} before the reload, {} after it settled, {on_old} of those on old backends",
+        log.len(),
+        after.len()
+    );
+    assert!(before_reload > 50 && after.len() > 50, "too little load");
+    assert_eq!(on_old, 0, "traffic still reached removed backends");
+    assert!(log.iter().any(|(_, _, w)| w.starts_with("old")));
+    let m = scrape(admin_port);
+    assert_eq!(metric(&m, "spooky_config_generation"), 2.0);
+    assert_eq!(
+        metric(&m, "spooky_config_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn invalid_reload_keeps_serving_the_old_config() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let (_b, b) = backend("b", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let good = config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "",
+    );
+    let sp = spooky(&good);
+    let client = sp.client().await;
+    assert_eq!(who(&client.get("/").await.unwrap().0), "a");
+
+    // A bad address and a route to a missing upstream: both reported,
+    // nothing changes.
+    let bad = config(
+        &upstream_yaml("app", &certs, &[("b", b)], ""),
+        admin_port,
+        "routes:\n  - upstream: nope\n",
+    )
+    .replace(&format!("\"{b}\""), "\"not-an-address\"");
+    rewrite(&sp, &bad);
+    let (status, body) = admin(admin_port, "POST", "/reload", "", Some(TOKEN));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("upstreams.app.backends[0].address"),
+        "the error names the field: {body}"
+    );
+    assert!(body.contains("routes[0].upstream"), "{body}");
+    // `spooky reload` refuses the invalid file before sending anything.
+    let out = std::process::Command::new(spooky_bin())
+        .args(["reload", "-c"])
+        .arg(sp.dir.path().join("spooky.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backends[0].address"));
+    // SIGHUP with the same file: logged, still serving.
+    std::process::Command::new("kill")
+        .args(["-HUP", &sp.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    wait_for_lines(&sp, "reload rejected; still serving", 2);
+    for _ in 0..10 {
+        let (resp, _) = client.get("/").await.unwrap();
+        assert_eq!((resp.status().as_u16(), who(&resp)), (200, "a".into()));
+    }
+    let m = scrape(admin_port);
+    assert_eq!(
+        metric(&m, "spooky_config_reloads_total{result=\"error\"}"),
+        2.0
+    );
+    assert_eq!(metric(&m, "spooky_config_generation"), 1.0);
+
+    // Fixed: `spooky reload` applies it.
+    rewrite(
+        &sp,
+        &config(
+            &upstream_yaml("app", &certs, &[("b", b)], ""),
+            admin_port,
+            "",
+        ),
+    );
+    let out = std::process::Command::new(spooky_bin())
+        .args(["reload", "-c"])
+        .arg(sp.dir.path().join("spooky.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"generation\": 2"));
+    // The open connection now reaches the new backend.
+    assert_eq!(who(&client.get("/").await.unwrap().0), "b");
+}
+
+#[tokio::test]
+async fn admin_api_drains_enables_and_reweights_backends() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let (_b, b) = backend("b", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml(
+            "app",
+            &certs,
+            &[("a", a), ("b", b)],
+            "balancing: { type: weighted_round_robin }",
+        ),
+        admin_port,
+        "",
+    ));
+    // The token is required (health endpoints excepted).
+    assert_eq!(admin(admin_port, "GET", "/backends", "", None).0, 401);
+    assert_eq!(
+        admin(
+            admin_port,
+            "GET",
+            "/backends",
+            "",
+            Some("wrong-token-0123456789")
+        )
+        .0,
+        401
+    );
+    assert_eq!(admin(admin_port, "GET", "/healthz", "", None).0, 200);
+    assert_eq!(admin(admin_port, "GET", "/readyz", "", None).0, 200);
+
+    let client = sp.client().await;
+    let tally = |n: usize| {
+        let client = &client;
+        async move {
+            let mut t: HashMap<String, usize> = HashMap::new();
+            for _ in 0..n {
+                *t.entry(who(&client.get("/").await.unwrap().0)).or_default() += 1;
+            }
+            t
+        }
+    };
+    let even = tally(20).await;
+    assert_eq!((even["a"], even["b"]), (10, 10));
+
+    let (st, body) = admin(admin_port, "POST", "/backends/app/b/drain", "", Some(TOKEN));
+    assert_eq!(st, 200, "{body}");
+    let (_, list) = admin(admin_port, "GET", "/backends", "", Some(TOKEN));
+    assert!(list.contains("\"state\": \"draining\""), "{list}");
+    let drained = tally(10).await;
+    assert_eq!(drained.get("b"), None, "{drained:?}");
+    assert!(
+        sp.proc
+            .out
+            .contains("backend state changed through the admin API")
+    );
+
+    assert_eq!(
+        admin(
+            admin_port,
+            "POST",
+            "/backends/app/b/enable",
+            "",
+            Some(TOKEN)
+        )
+        .0,
+        200
+    );
+    let (st, body) = admin(
+        admin_port,
+        "POST",
+        "/backends/app/a/weight",
+        "3",
+        Some(TOKEN),
+    );
+    assert_eq!(st, 200, "{body}");
+    // One connection is served by one worker, whose smooth WRR gives
+    // exactly 3:1.
+    let weighted = tally(40).await;
+    assert_eq!((weighted["a"], weighted["b"]), (30, 10), "{weighted:?}");
+    let m = scrape(admin_port);
+    assert_eq!(
+        metric(&m, "spooky_backend_weight{backend=\"a\",upstream=\"app\"}"),
+        3.0
+    );
+
+    // Bad input: clear errors, nothing changes.
+    assert_eq!(
+        admin(
+            admin_port,
+            "POST",
+            "/backends/app/a/weight",
+            "0",
+            Some(TOKEN)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        admin(
+            admin_port,
+            "POST",
+            "/backends/app/zz/drain",
+            "",
+            Some(TOKEN)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        admin(
+            admin_port,
+            "POST",
+            "/backends/app/a/explode",
+            "",
+            Some(TOKEN)
+        )
+        .0,
+        404
+    );
+    // Disabling both: a clean 503, not a hang.
+    for id in ["a", "b"] {
+        admin(
+            admin_port,
+            "POST",
+            &format!("/backends/app/{id}/disable"),
+            "",
+            Some(TOKEN),
+        );
+    }
+    let (resp, _) = client.get("/").await.unwrap();
+    assert_eq!(resp.status(), 503);
+}
+
+#[tokio::test]
+async fn metrics_count_the_requests_sent() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let (_b, b) = backend("b", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let routes = "routes:\n  - name: api\n    match: { path_prefix: /api/ }\n    upstream: app\n";
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a), ("b", b)], ""),
+        admin_port,
+        routes,
+    ));
+    let client = sp.client().await;
+    for i in 0..20 {
+        assert_eq!(
+            client.get(&format!("/api/{i}")).await.unwrap().0.status(),
+            200
+        );
+    }
+    for _ in 0..5 {
+        assert_eq!(client.get("/elsewhere").await.unwrap().0.status(), 404);
+    }
+    // The duration histogram is recorded when a body ends, just after the
+    // client has read it: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = scrape(admin_port);
+        if metric(&m, "spooky_request_duration_seconds_count{route=\"api\"}") >= 20.0
+            || Instant::now() > deadline
+        {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metric(&m, "spooky_requests_total{protocol=\"h3\"}"), 25.0);
+    assert_eq!(
+        metric(
+            &m,
+            "spooky_route_requests_total{class=\"2xx\",route=\"api\",upstream=\"app\"}"
+        ),
+        20.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "spooky_route_requests_total{class=\"4xx\",route=\"none\",upstream=\"none\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(&m, "spooky_local_responses_total{status=\"404\"}"),
+        5.0
+    );
+    let per_backend: f64 = ["a", "b"]
+        .iter()
+        .map(|b| {
+            metric(
+                &m,
+                &format!("spooky_backend_requests_total{{backend=\"{b}\",upstream=\"app\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(per_backend, 20.0);
+    assert_eq!(
+        metric(&m, "spooky_request_duration_seconds_count{route=\"api\"}"),
+        20.0
+    );
+    let upstream_count: f64 = ["a", "b"]
+        .iter()
+        .map(|b| {
+            metric(
+                &m,
+                &format!(
+                    "spooky_upstream_response_seconds_count{{backend=\"{b}\",upstream=\"app\"}}"
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(upstream_count, 20.0);
+    assert_eq!(metric(&m, "spooky_quic_connections"), 1.0);
+    assert!(metric(&m, "spooky_quic_handshakes_total{outcome=\"accepted\"}") >= 1.0);
+    assert_eq!(
+        metric(&m, "spooky_quic_handshake_duration_seconds_count"),
+        metric(&m, "spooky_quic_handshakes_total{outcome=\"accepted\"}")
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "spooky_backend_health_state{backend=\"a\",state=\"healthy\",upstream=\"app\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_at_the_configured_rate() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let routes = "routes:\n  - name: limited\n    match: { path_prefix: /limited/ }\n    upstream: app\n    rate_limit: { per_second: 10, burst: 5 }\n  - upstream: app\n";
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        routes,
+    ));
+    let client = sp.client().await;
+    // Offer far more than 10/s for 2 s on the limited route.
+    let started = Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    while started.elapsed() < Duration::from_secs(2) {
+        let (resp, _) = client.get("/limited/x").await.unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                let after: u64 = resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(after, 1);
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let expected = 5.0 + 10.0 * secs;
+    eprintln!(
+        "route limit 10/s burst 5: {ok} passed, {limited} got 429 in {secs:.2} s (expected ≈ {expected:.0})"
+    );
+    assert!(
+        (f64::from(ok) - expected).abs() <= 3.0,
+        "{ok} passed, expected ≈ {expected:.1}"
+    );
+    assert!(limited > ok, "the offered load must exceed the limit");
+    // Other routes are not limited.
+    for _ in 0..20 {
+        assert_eq!(client.get("/free").await.unwrap().0.status(), 200);
+    }
+    let m = scrape(admin_port);
+    assert_eq!(
+        metric(&m, "spooky_rate_limited_total{scope=\"route\"}"),
+        f64::from(limited)
+    );
+}
+
+#[tokio::test]
+async fn per_client_limits_and_retry() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    // Every handshake gets a Retry first; at most 2 connections and
+    // 20 requests/s (burst 20) per client.
+    let limits = "limits: { retry_threshold: 0, max_connections_per_ip: 2, requests_per_ip: { per_second: 20, burst: 20 } }\n";
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        limits,
+    ));
+    let c1 = sp.client().await;
+    let c2 = sp.client().await;
+    assert_eq!(c1.get("/").await.unwrap().0.status(), 200);
+    assert_eq!(c2.get("/").await.unwrap().0.status(), 200);
+    let third = H3Client::connect(&sp.url("/"), &sp.client_options()).await;
+    let refused = match third {
+        Err(_) => true,
+        Ok(c) => c.get("/").await.is_err(),
+    };
+    assert!(
+        refused,
+        "a third connection from the same client must be refused"
+    );
+    drop(c2);
+    // The slot frees when the connection closes.
+    let mut c3 = None;
+    for _ in 0..50 {
+        if let Ok(c) = H3Client::connect(&sp.url("/"), &sp.client_options()).await
+            && c.get("/").await.is_ok()
+        {
+            c3 = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c3.is_some(),
+        "the closed connection's slot was not released"
+    );
+
+    // Per-client request rate: a burst of 40 gets about 20 through.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut statuses = HashMap::new();
+    let futs: Vec<_> = (0..40).map(|_| c1.get("/")).collect();
+    for r in futures_util::future::join_all(futs).await {
+        *statuses.entry(r.unwrap().0.status().as_u16()).or_insert(0) += 1;
+    }
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    assert!((20..=22).contains(&ok), "{statuses:?}");
+    assert_eq!(ok + statuses.get(&429).copied().unwrap_or(0), 40);
+
+    let m = scrape(admin_port);
+    assert!(metric(&m, "spooky_quic_handshakes_total{outcome=\"retry\"}") >= 3.0);
+    assert!(
+        metric(
+            &m,
+            "spooky_quic_handshakes_total{outcome=\"refused_per_client\"}"
+        ) >= 1.0
+    );
+
+    // An independent client (aioquic) completes the Retry exchange too
+    // (one of the two connection slots is freed for it).
+    let Some(py) = python() else { return };
+    drop(c3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = std::process::Command::new(py)
+        .arg(script("h3_get.py"))
+        .args(["--ca", &sp.cert().display().to_string()])
+        .args(["--host", "127.0.0.1", "--port", &sp.port.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hello from a"),
+        "aioquic through Retry: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let mut sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "",
+    ));
+    let size: u64 = 48 << 20;
+    let mut downloads = Vec::new();
+    for _ in 0..3 {
+        let client = sp.client().await;
+        downloads.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("/bytes/{size}"))
+                .body(spooky::body::empty())
+                .unwrap();
+            let resp = client.send(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.into_body();
+            let mut got = 0u64;
+            use http_body_util::BodyExt;
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap();
+                assert_pattern_at(got, &data);
+                got += data.len() as u64;
+            }
+            (got, Instant::now())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = sp.proc.pid();
+    let sent = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for_lines(&sp, "draining", 1);
+    assert_eq!(admin(admin_port, "GET", "/readyz", "", None).0, 503);
+    // New connections are refused while the old ones drain.
+    let fresh = tokio::time::timeout(
+        Duration::from_secs(5),
+        H3Client::connect(&sp.url("/"), &sp.client_options()),
+    )
+    .await;
+    let refused = match fresh {
+        Err(_) | Ok(Err(_)) => true,
+        Ok(Ok(c)) => c.get("/").await.is_err(),
+    };
+    assert!(refused, "a new connection was accepted while draining");
+    let mut last = sent;
+    for d in downloads {
+        let (got, done) = d.await.unwrap();
+        assert_eq!(got, size, "a download was cut short by the drain");
+        last = last.max(done);
+    }
+    eprintln!(
+        "drain: downloads finished {:.2} s after SIGTERM",
+        (last - sent).as_secs_f64()
+    );
+    assert!(
+        last > sent + Duration::from_millis(100),
+        "downloads were not in flight"
+    );
+    assert!(
+        sp.proc.terminate(Duration::from_secs(25)),
+        "spooky did not exit after the drain"
+    );
+    assert!(sp.proc.out.contains("stopped"));
+}
