@@ -246,6 +246,8 @@ pub struct BackendCounters {
     pub timeouts: AtomicU64,
     /// Tries that were retries of an earlier one.
     pub retries: AtomicU64,
+    /// Open connections of the workers' pools.
+    pub pool_connections: std::sync::Arc<AtomicU64>,
 }
 
 impl BackendCounters {
@@ -260,6 +262,7 @@ impl BackendCounters {
             resets: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            pool_connections: Default::default(),
         }
     }
 
@@ -447,6 +450,11 @@ pub fn render(s: &Scrape<'_>) -> String {
         &["upstream", "backend", "state"],
     );
     let b_weight = f.gauge_vec("spooky_backend_weight", "Balancing weight in use.", &ub);
+    let b_pool = f.gauge_vec(
+        "spooky_backend_pool_connections",
+        "Open connections to the backend in the workers' pools.",
+        &ub,
+    );
     let now = Instant::now();
     for up in &s.upstreams.upstreams {
         for (bi, b) in up.backends.iter().enumerate() {
@@ -518,6 +526,9 @@ pub fn render(s: &Scrape<'_>) -> String {
                     .set(i64::from(control == c));
             }
             b_weight.with_label_values(&l).set(i64::from(b.weight()));
+            b_pool
+                .with_label_values(&l)
+                .set(c.pool_connections.load(Ordering::Relaxed) as i64);
         }
     }
 

@@ -494,6 +494,17 @@ async fn metrics_count_the_requests_sent() {
         .sum();
     assert_eq!(upstream_count, 20.0);
     assert_eq!(metric(&m, "spooky_quic_connections"), 1.0);
+    // One client connection is served by one worker, which opened one
+    // connection to each backend.
+    for b in ["a", "b"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("spooky_backend_pool_connections{{backend=\"{b}\",upstream=\"app\"}}")
+            ),
+            1.0
+        );
+    }
     assert!(metric(&m, "spooky_quic_handshakes_total{outcome=\"accepted\"}") >= 1.0);
     assert_eq!(
         metric(&m, "spooky_quic_handshake_duration_seconds_count"),

@@ -56,7 +56,7 @@ async fn run(
 ) {
     let backend = &up.backends[bi];
     let label = format!("{} (health)", backend.label);
-    let connect = || up.backend_client(bi, label.clone(), &endpoint, PROBE_HEADER_BYTES);
+    let connect = || up.backend_client(bi, label.clone(), &endpoint, PROBE_HEADER_BYTES, false);
     let Some(mut pool) = connect() else { return };
     let mut machine = HealthMachine::new(&cfg);
     let authority = format!(

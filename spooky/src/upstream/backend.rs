@@ -3,6 +3,7 @@
 //! request path and the health prober talk to backends only through this.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -69,13 +70,32 @@ impl Transport {
 }
 
 /// A backend's connection pool, per worker (or for the health prober).
+/// Counts one open backend connection in its backend's gauge while alive
+/// (`spooky_backend_pool_connections`).
+#[derive(Debug)]
+pub struct OpenConnection(Arc<AtomicU64>);
+
+impl OpenConnection {
+    pub fn new(gauge: &Arc<AtomicU64>) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub enum BackendClient {
     H3(BackendPool),
     Tcp(TcpPool),
 }
 
 impl BackendClient {
-    /// The client for `backend` of upstream `u`.
+    /// The client for `backend` of upstream `u`; its connections are
+    /// counted in `open` when given.
     pub fn new(
         label: String,
         u: &config::Upstream,
@@ -83,6 +103,7 @@ impl BackendClient {
         transport: &Transport,
         quic_endpoint: &quinn::Endpoint,
         max_header_bytes: u64,
+        open: Option<Arc<AtomicU64>>,
     ) -> Self {
         let server_name = u.server_name(backend);
         match transport {
@@ -96,6 +117,7 @@ impl BackendClient {
                     pool: u.pool.clone(),
                     connect_timeout: u.timeouts.connect,
                     max_header_bytes,
+                    open,
                 },
             )),
             Transport::Tcp { protocol, tls } => {
@@ -129,6 +151,7 @@ impl BackendClient {
                             TcpProtocol::Http2 => u.pool.max_connections_per_backend as usize,
                         },
                         max_header_bytes,
+                        open,
                     },
                 ))
             }

@@ -26,6 +26,8 @@ pub struct PoolSettings {
     pub pool: PoolConfig,
     pub connect_timeout: Duration,
     pub max_header_bytes: u64,
+    /// The backend's open-connection gauge (worker pools only).
+    pub open: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// First delay after a failed connect; doubles per failure.
@@ -44,6 +46,7 @@ struct PooledConn {
     /// The backend sent GOAWAY (or refused a stream): no new requests.
     draining: AtomicBool,
     last_used: Mutex<Instant>,
+    _open: Option<super::backend::OpenConnection>,
 }
 
 impl PooledConn {
@@ -302,6 +305,11 @@ impl BackendPool {
             closed: closed.clone(),
             draining: AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
+            _open: self
+                .settings
+                .open
+                .as_ref()
+                .map(super::backend::OpenConnection::new),
         });
         let label = self.label.clone();
         tokio::spawn(async move {

@@ -364,13 +364,16 @@ impl SharedUpstream {
         }
     }
 
-    /// A client for backend `i` (per worker, or for the health prober).
+    /// A client for backend `i`: a worker's pool (`counted`: its
+    /// connections show in the backend's pool gauge) or the health
+    /// prober's.
     pub fn backend_client(
         &self,
         i: usize,
         label: String,
         quic_endpoint: &quinn::Endpoint,
         max_header_bytes: u64,
+        counted: bool,
     ) -> Option<backend::BackendClient> {
         let b = self.backends.get(i)?;
         Some(backend::BackendClient::new(
@@ -380,6 +383,7 @@ impl SharedUpstream {
             &self.transport,
             quic_endpoint,
             max_header_bytes,
+            counted.then(|| b.counters.pool_connections.clone()),
         ))
     }
 }
@@ -553,6 +557,7 @@ impl WorkerPool {
                 self.label.clone(),
                 &self.endpoint,
                 self.max_header_bytes,
+                true,
             )?;
             debug!(backend = %self.label, "replacing the backend's connections");
             *cur = (epoch, Arc::new(fresh));
@@ -661,8 +666,13 @@ impl WorkerUpstreams {
                             if let Some(pool) = kept {
                                 return Some(pool.clone());
                             }
-                            let c =
-                                u.backend_client(i, b.label.clone(), &client, max_header_bytes)?;
+                            let c = u.backend_client(
+                                i,
+                                b.label.clone(),
+                                &client,
+                                max_header_bytes,
+                                true,
+                            )?;
                             Some(Arc::new(WorkerPool {
                                 label: b.label.clone(),
                                 endpoint: client.clone(),

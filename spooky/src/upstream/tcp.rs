@@ -38,19 +38,26 @@ pub struct TcpSettings {
     pub idle_timeout: Duration,
     pub max_idle_connections: usize,
     pub max_header_bytes: u64,
+    /// The backend's open-connection gauge (worker pools only).
+    pub open: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A connection the pool hands to hyper.
-pub enum TcpConn {
+pub struct TcpConn {
+    io: TcpIo,
+    _open: Option<super::backend::OpenConnection>,
+}
+
+enum TcpIo {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
 impl Connection for TcpConn {
     fn connected(&self) -> Connected {
-        match self {
-            TcpConn::Plain(_) => Connected::new(),
-            TcpConn::Tls(tls) => {
+        match &self.io {
+            TcpIo::Plain(_) => Connected::new(),
+            TcpIo::Tls(tls) => {
                 let (_, session) = tls.inner().get_ref();
                 if session.alpn_protocol() == Some(b"h2") {
                     Connected::new().negotiated_h2()
@@ -64,12 +71,12 @@ impl Connection for TcpConn {
 
 macro_rules! delegate {
     ($self:ident, $inner:ident => $e:expr) => {
-        match $self.get_mut() {
-            TcpConn::Plain($inner) => {
+        match &mut $self.get_mut().io {
+            TcpIo::Plain($inner) => {
                 let $inner = Pin::new($inner);
                 $e
             }
-            TcpConn::Tls($inner) => {
+            TcpIo::Tls($inner) => {
                 let $inner = Pin::new($inner.as_mut());
                 $e
             }
@@ -113,9 +120,9 @@ impl hyper::rt::Write for TcpConn {
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            TcpConn::Plain(io) => io.is_write_vectored(),
-            TcpConn::Tls(io) => io.is_write_vectored(),
+        match &self.io {
+            TcpIo::Plain(io) => io.is_write_vectored(),
+            TcpIo::Tls(io) => io.is_write_vectored(),
         }
     }
 }
@@ -142,6 +149,7 @@ pub struct Connector {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     timeout: Duration,
     require_h2: bool,
+    open: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Connector {
@@ -159,8 +167,8 @@ impl Connector {
             .map_err(ConnectError::Tcp)?;
         // Requests are small writes that must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let conn = match self.tls {
-            None => TcpConn::Plain(TokioIo::new(tcp)),
+        let io = match self.tls {
+            None => TcpIo::Plain(TokioIo::new(tcp)),
             Some((connector, name)) => {
                 let tls = connector
                     .connect(name, tcp)
@@ -169,10 +177,13 @@ impl Connector {
                 if self.require_h2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err(ConnectError::NoH2);
                 }
-                TcpConn::Tls(Box::new(TokioIo::new(tls)))
+                TcpIo::Tls(Box::new(TokioIo::new(tls)))
             }
         };
-        Ok(conn)
+        Ok(TcpConn {
+            io,
+            _open: self.open.as_ref().map(super::backend::OpenConnection::new),
+        })
     }
 }
 
@@ -221,6 +232,7 @@ impl TcpPool {
             tls: tls.map(|(cfg, name)| (TlsConnector::from(cfg), name)),
             timeout: settings.connect_timeout,
             require_h2: settings.protocol == TcpProtocol::Http2,
+            open: settings.open.clone(),
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.timer(TokioTimer::new())
