@@ -406,6 +406,7 @@ impl Proxy {
             authority: req.uri.authority().map_or("-", |a| a.as_str()).to_owned(),
             path: req.uri.path().to_owned(),
             request_id: rid.to_str().unwrap_or("-").to_owned(),
+            route: route.to_owned(),
             upstream: served.upstream.unwrap_or("-").to_owned(),
             backend: served.backend.unwrap_or("-").to_owned(),
             status,
@@ -471,6 +472,7 @@ struct AccessLine {
     authority: String,
     path: String,
     request_id: String,
+    route: String,
     upstream: String,
     backend: String,
     status: u16,
@@ -523,9 +525,9 @@ impl Drop for Completion {
         let ms = elapsed.as_secs_f64() * 1000.0;
         let complete = self.inner.is_end_stream();
         if a.status >= 500 {
-            warn!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
+            warn!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, route = %a.route, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
         } else {
-            info!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
+            info!(target: "spooky::access", client = %a.client, method = %a.method, authority = %a.authority, path = %a.path, status = a.status, route = %a.route, upstream = %a.upstream, backend = %a.backend, bytes = self.bytes, complete, tries = a.tries, ms = format_args!("{ms:.1}"), request_id = %a.request_id, "request");
         }
     }
 }

@@ -724,3 +724,83 @@ async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
     );
     assert!(sp.proc.out.contains("stopped"));
 }
+
+#[tokio::test]
+async fn certificates_rotate_on_reload_and_logs_can_be_json() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let (old, new) = (support::certs(), support::certs());
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let listen_tls = format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2, tls: {{ cert: {}, key: {} }} }}",
+        cert.display(),
+        key.display()
+    );
+    let cfg = config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "",
+    )
+    .replacen(
+        "listen: { address: 127.0.0.1, port: PORT, workers: 2, drain_timeout_ms: 20000 }",
+        &listen_tls,
+        1,
+    )
+    .replace(
+        "log: { access: false }",
+        "log: { format: json, access: true }",
+    );
+    let sp = spooky(&cfg);
+    let trusting = |c: &Certs| spooky::client::ClientOptions {
+        ca: Some(c.cert.clone()),
+        connect_to: Some(sp.addr()),
+        ..Default::default()
+    };
+    let before = H3Client::connect(&sp.url("/"), &trusting(&old))
+        .await
+        .unwrap();
+    assert_eq!(before.get("/").await.unwrap().0.status(), 200);
+    assert!(
+        H3Client::connect(&sp.url("/"), &trusting(&new))
+            .await
+            .is_err()
+    );
+
+    // Rotate the files in place, reload: new connections get the new
+    // certificate; the open one keeps working.
+    std::fs::copy(&new.cert, &cert).unwrap();
+    std::fs::copy(&new.key, &key).unwrap();
+    let (st, body) = admin(admin_port, "POST", "/reload", "", Some(TOKEN));
+    assert_eq!(st, 200, "{body}");
+    let after = H3Client::connect(&sp.url("/"), &trusting(&new))
+        .await
+        .unwrap();
+    assert_eq!(after.get("/").await.unwrap().0.status(), 200);
+    assert!(
+        H3Client::connect(&sp.url("/"), &trusting(&old))
+            .await
+            .is_err()
+    );
+    assert_eq!(before.get("/").await.unwrap().0.status(), 200);
+
+    // Every log line is a JSON object; access lines carry the fields.
+    wait_for_lines(&sp, "\"request_id\"", 3);
+    let lines = sp.proc.out.lines();
+    let mut access = 0;
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        if v["target"] == "spooky::access" {
+            access += 1;
+            assert_eq!(v["status"], 200, "{l}");
+            assert_eq!(v["backend"], "a", "{l}");
+            assert_eq!(v["route"], "default", "{l}");
+            assert!(v["bytes"].as_u64().is_some_and(|b| b > 0), "{l}");
+        }
+    }
+    assert_eq!(access, 3, "{lines:?}");
+}
