@@ -12,8 +12,9 @@ use http::Response;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::validate::{self, ClientVersion};
 use super::{Activity, Counted};
-use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, SendBodyError};
+use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, MalformedBody, SendBodyError};
 use crate::proxy::{Downstream, Proxy};
 
 type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
@@ -113,19 +114,38 @@ async fn serve_request(
             return;
         }
     };
-    let (send, recv) = stream.split();
-    let content_length = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let (mut parts, ()) = req.into_parts();
+    let (mut send, mut recv) = stream.split();
+    let validated = match validate::validate(&parts, ClientVersion::Http3) {
+        Ok(v) => v,
+        Err(violation) => {
+            // 400 first (RFC 9114 §4.1.2 allows a response before closing),
+            // then STOP_SENDING: the body, if any, is of no use.
+            let resp = proxy.reject_malformed(&parts, down, &violation);
+            recv.stop_sending(h3::error::Code::H3_MESSAGE_ERROR);
+            send_response(send, resp, down).await;
+            return;
+        }
+    };
+    validate::normalize_content_length(&mut parts.headers, validated);
     let idle = proxy.config.timeouts.idle;
+    let malformed_body = MalformedBody::default();
     let body = body::boxed(IdleTimeout::new(
-        H3Body::new(recv, content_length, None),
+        H3Body::enforcing(recv, validated.content_length, malformed_body.clone()),
         idle,
     ));
-    let req = req.map(|()| body);
+    let req = http::Request::from_parts(parts, body);
     let resp = proxy.handle(req, down).await;
+    if malformed_body.detected() {
+        // The body broke its content-length after the request went
+        // upstream (which the failed body aborted): whatever came back
+        // answers a request the client did not send. RFC 9114 §4.1.2:
+        // a stream error of type H3_MESSAGE_ERROR.
+        validate::MALFORMED_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(peer = %down.peer, "request body disagrees with content-length; stream reset");
+        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return;
+    }
     send_response(send, resp, down).await;
 }
 
