@@ -149,11 +149,14 @@ pub struct H3Body<R: H3Recv> {
     received: u64,
     malformed: Option<MalformedBody>,
     guard: Option<Box<dyn Send>>,
-    /// The last poll returned Pending: h3-quinn has lent the QUIC stream to
-    /// its read future, and a STOP_SENDING now would panic inside
-    /// h3-quinn (`stop_sending` unwraps the lent stream). Dropping that
-    /// future drops the quinn stream, which stops the peer by itself.
-    read_pending: bool,
+    /// h3-quinn may have lent the QUIC stream to its read future, and a
+    /// STOP_SENDING now would panic inside h3-quinn (`stop_sending`
+    /// unwraps the lent stream). Not only after Pending: h3 0.0.8
+    /// (`FrameStream::poll_data`) returns DATA it had buffered while its
+    /// new read is still pending, so only a fresh stream or a clean end of
+    /// DATA proves the stream is back. Dropping the read future drops the
+    /// quinn stream, which stops the peer by itself (with code 0).
+    read_may_be_lent: bool,
 }
 
 impl<R: H3Recv> H3Body<R> {
@@ -170,16 +173,16 @@ impl<R: H3Recv> H3Body<R> {
             received: 0,
             malformed: None,
             guard,
-            read_pending: false,
+            read_may_be_lent: false,
         }
     }
 
     /// Wraps a request body whose `content-length` (when declared) must
     /// equal the DATA received: a chunk that would overshoot is never
     /// yielded, and an early end is an error, so whatever forwards this
-    /// body aborts instead of completing a request of another length. On
-    /// a mismatch the peer is stopped with `H3_MESSAGE_ERROR` and
-    /// `malformed` records it.
+    /// body aborts instead of completing a request of another length. A
+    /// mismatch is recorded in `malformed`, for the listener to reset the
+    /// stream with `H3_MESSAGE_ERROR`.
     pub fn enforcing(recv: R, content_length: Option<u64>, malformed: MalformedBody) -> Self {
         let mut body = Self::new(recv, content_length, None);
         body.declared = content_length;
@@ -187,16 +190,15 @@ impl<R: H3Recv> H3Body<R> {
         body
     }
 
-    /// Fails the body for breaking its declared length.
+    /// Fails the body for breaking its declared length. No STOP_SENDING
+    /// here: after an overshooting chunk the stream may be lent (see
+    /// `read_may_be_lent`), and after a short end the peer has finished.
     fn length_mismatch(&mut self, declared: u64, received: u64) -> BoxError {
         self.phase = RecvPhase::Malformed { declared, received };
         self.guard = None;
         if let Some(m) = &self.malformed {
             m.record();
         }
-        // The last poll was Ready, so the stream is not lent out (see
-        // `read_pending`).
-        self.recv.stop(h3::error::Code::H3_MESSAGE_ERROR);
         BodyError::LengthMismatch { declared, received }.into()
     }
 
@@ -210,7 +212,7 @@ impl<R: H3Recv> Drop for H3Body<R> {
     fn drop(&mut self) {
         // Nobody will read the rest: tell the peer to stop sending instead of
         // letting flow control stall it.
-        if matches!(self.phase, RecvPhase::Data | RecvPhase::Trailers) && !self.read_pending {
+        if matches!(self.phase, RecvPhase::Data | RecvPhase::Trailers) && !self.read_may_be_lent {
             self.recv.stop(h3::error::Code::H3_REQUEST_CANCELLED);
         }
     }
@@ -229,7 +231,7 @@ impl<R: H3Recv> Body for H3Body<R> {
             match this.phase {
                 RecvPhase::Data => {
                     let r = this.recv.poll_data(cx);
-                    this.read_pending = r.is_pending();
+                    this.read_may_be_lent = !matches!(r, Poll::Ready(Ok(None)));
                     match ready!(r) {
                         Ok(Some(chunk)) if chunk.is_empty() => continue,
                         Ok(Some(chunk)) => {
@@ -261,7 +263,8 @@ impl<R: H3Recv> Body for H3Body<R> {
                 }
                 RecvPhase::Trailers => {
                     let r = this.recv.poll_trailers(cx);
-                    this.read_pending = r.is_pending();
+                    // Ready ends the body either way (no STOP_SENDING after).
+                    this.read_may_be_lent = r.is_pending();
                     let r = ready!(r);
                     this.finish();
                     return Poll::Ready(match r {
@@ -699,11 +702,14 @@ mod tests {
     use super::*;
 
     /// A receive half that yields scripted DATA chunks, then optional
-    /// trailers, and records the code it was stopped with.
+    /// trailers, and records the code it was stopped with. Like h3 over
+    /// h3-quinn, it may have a read outstanding after returning DATA; a
+    /// STOP_SENDING then panics, as h3-quinn's does.
     struct ScriptedRecv {
         chunks: std::collections::VecDeque<Bytes>,
         trailers: Option<HeaderMap>,
         stopped: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+        lent: bool,
     }
 
     impl H3Recv for ScriptedRecv {
@@ -711,7 +717,9 @@ mod tests {
             &mut self,
             _cx: &mut Context<'_>,
         ) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
-            Poll::Ready(Ok(self.chunks.pop_front()))
+            let chunk = self.chunks.pop_front();
+            self.lent = chunk.is_some();
+            Poll::Ready(Ok(chunk))
         }
         fn poll_trailers(
             &mut self,
@@ -720,6 +728,10 @@ mod tests {
             Poll::Ready(Ok(self.trailers.take()))
         }
         fn stop(&mut self, code: h3::error::Code) {
+            assert!(
+                !self.lent,
+                "STOP_SENDING on a lent stream panics in h3-quinn"
+            );
             *self.stopped.lock().unwrap() = Some(code.value());
         }
     }
@@ -732,11 +744,12 @@ mod tests {
             chunks: sizes.iter().map(|&n| Bytes::from(vec![7u8; n])).collect(),
             trailers,
             stopped: stopped.clone(),
+            lent: false,
         };
         (recv, stopped)
     }
 
-    const H3_MESSAGE_ERROR: u64 = 0x010e;
+    const H3_REQUEST_CANCELLED: u64 = 0x010c;
 
     fn mismatch(err: &BoxError) -> Option<(u64, u64)> {
         match err.downcast_ref::<BodyError>() {
@@ -771,11 +784,12 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((5, 6)), "{err}");
         assert!(malformed.detected());
-        assert_eq!(*stopped.lock().unwrap(), Some(H3_MESSAGE_ERROR));
         // Sticky: a second reader (a retry) cannot see a clean end.
         let again = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&again), Some((5, 6)));
         assert!(!body.is_end_stream());
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None, "the stream may be lent");
     }
 
     #[tokio::test]
@@ -796,12 +810,37 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((10, 4)), "{err}");
         assert!(malformed.detected());
-        assert_eq!(*stopped.lock().unwrap(), Some(H3_MESSAGE_ERROR));
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None, "the peer has finished");
         // Declared but no DATA at all is short too.
         let (recv, _) = scripted(&[], None);
         let mut empty = H3Body::enforcing(recv, Some(1), MalformedBody::default());
         let err = empty.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((1, 0)));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_body_stops_the_peer_only_when_safe() {
+        // Unread: STOP_SENDING tells the peer nobody will read the rest.
+        let (recv, stopped) = scripted(&[3], None);
+        drop(H3Body::enforcing(recv, Some(3), MalformedBody::default()));
+        assert_eq!(*stopped.lock().unwrap(), Some(H3_REQUEST_CANCELLED));
+        // A consumer that stops after the declared bytes (as hyper does)
+        // while h3 may still have a read outstanding: no STOP_SENDING.
+        let (recv, stopped) = scripted(&[3], None);
+        let mut body = H3Body::enforcing(recv, Some(3), MalformedBody::default());
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            3
+        );
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None);
     }
 
     #[tokio::test]

@@ -158,10 +158,22 @@ fn json_list(items: impl IntoIterator<Item = String>) -> String {
 /// Sends `fields` (in order, as given) and `data` frames on one request
 /// stream with the raw aioquic client, then FIN.
 fn send_raw(sp: &Spooky, fields: &[(&str, &str)], data: &[&str]) -> Outcome {
-    send_raw_with(sp, fields, data, true)
+    send_raw_with(sp, fields, data, Send::Fin)
 }
 
-fn send_raw_with(sp: &Spooky, fields: &[(&str, &str)], data: &[&str], fin: bool) -> Outcome {
+/// How the raw client sends the request stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// Every frame at once, then FIN.
+    Fin,
+    /// Every frame at once, stream left open.
+    NoFin,
+    /// A pause after each frame (time for spooky to forward what it has),
+    /// then FIN.
+    Paced,
+}
+
+fn send_raw_with(sp: &Spooky, fields: &[(&str, &str)], data: &[&str], how: Send) -> Outcome {
     let headers = json_list(
         fields
             .iter()
@@ -174,7 +186,11 @@ fn send_raw_with(sp: &Spooky, fields: &[(&str, &str)], data: &[&str], fin: bool)
         .args(["--ca", sp.cert().to_str().unwrap()])
         .args(["--host", "127.0.0.1", "--port", &port, "--sni", "localhost"])
         .args(["--headers", &headers, "--data", &data])
-        .args(if fin { &[][..] } else { &["--no-fin"][..] })
+        .args(match how {
+            Send::Fin => &[][..],
+            Send::NoFin => &["--no-fin"][..],
+            Send::Paced => &["--pause-ms", "300"][..],
+        })
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -195,8 +211,11 @@ fn spooky_before(recorder: &Recorder) -> Spooky {
     ))
 }
 
+/// Header fields, in the order they go on the wire.
+type Fields<'a> = Vec<(&'a str, &'a str)>;
+
 /// The pseudo-header fields of a well-formed request for `path`.
-fn pseudo<'a>(method: &'a str, authority: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
+fn pseudo<'a>(method: &'a str, authority: &'a str, path: &'a str) -> Fields<'a> {
     vec![
         (":method", method),
         (":scheme", "https"),
@@ -234,6 +253,16 @@ fn assert_rejected(
     );
 }
 
+/// No request task of spooky's panicked (a panic ends only its task, so
+/// the outcome alone would not show it).
+fn assert_no_panic(sp: &Spooky) {
+    assert!(
+        !sp.proc.out.contains("panicked"),
+        "spooky panicked:\n{}",
+        sp.proc.out.lines().join("\n")
+    );
+}
+
 fn is_400(o: &Outcome) -> bool {
     !o.timeout && o.status == Some(400) && o.body.starts_with("400 Bad Request: malformed request")
 }
@@ -263,9 +292,15 @@ fn a_valid_request_reaches_the_backend() {
     post.push(("content-length", "10"));
     let got = send_raw(&sp, &post, &["hello", "world"]);
     assert_eq!(got.status, Some(200), "{got:?}");
+    // Paced: the forward has the declared bytes (and hyper stops reading)
+    // before the client's FIN arrives.
+    let got = send_raw_with(&sp, &post, &["hello", "world"], Send::Paced);
+    assert_eq!(got.status, Some(200), "{got:?}");
 
+    assert_no_panic(&sp);
     let complete = recorder.complete();
-    assert_eq!(complete.len(), 2, "{complete:?}");
+    assert_eq!(complete.len(), 3, "{complete:?}");
+    assert!(complete[2].ends_with("\r\n\r\nhelloworld"), "{complete:?}");
     assert!(
         complete[0].starts_with("GET /control?x=1 HTTP/1.1\r\n"),
         "{}",
@@ -295,7 +330,7 @@ fn malformed_heads_get_400_and_never_reach_the_backend() {
         f.extend_from_slice(extra);
         f
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<(&str, Fields)> = vec![
         ("connection", with(&[("connection", "close")])),
         ("keep-alive", with(&[("keep-alive", "timeout=5")])),
         (
@@ -350,7 +385,7 @@ fn malformed_heads_get_400_and_never_reach_the_backend() {
         &sp,
         &with(&[("transfer-encoding", "chunked")]),
         &["5\r\nhello\r\n"],
-        false,
+        Send::NoFin,
     );
     assert!(is_400(&open), "{open:?}");
     assert_eq!(open.stop_sending, Some(H3_MESSAGE_ERROR), "{open:?}");
@@ -359,6 +394,7 @@ fn malformed_heads_get_400_and_never_reach_the_backend() {
         sp.proc.out.contains("status=400"),
         "no access-log line for the 400s"
     );
+    assert_no_panic(&sp);
 }
 
 /// What h3 0.0.8 rejects itself, before spooky sees a request: a reset
@@ -376,7 +412,7 @@ fn h3_resets_what_it_cannot_decode() {
         f.extend_from_slice(extra);
         f
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<(&str, Fields)> = vec![
         ("uppercase name", with(&[("X-Upper", "1")])),
         ("unknown pseudo-header", with(&[(":foo", "bar")])),
         ("uppercase pseudo-header", {
@@ -411,6 +447,7 @@ fn h3_resets_what_it_cannot_decode() {
     for (case, fields) in &cases {
         assert_rejected(&sp, &recorder, case, fields, &[], is_message_error_reset);
     }
+    assert_no_panic(&sp);
 }
 
 /// Known gap, pinned: h3 0.0.8 keeps the last of duplicated pseudo-headers
@@ -451,6 +488,7 @@ fn known_gap_h3_normalises_duplicate_and_misplaced_pseudo_headers() {
         complete[1].starts_with("GET /late HTTP/1.1\r\n"),
         "{complete:?}"
     );
+    assert_no_panic(&sp);
 }
 
 /// DATA that disagrees with content-length is found while the body
@@ -470,7 +508,7 @@ fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
         f.push(("content-length", n));
         f
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
         ("short", declaring("10"), vec!["hello"]),
         ("no DATA at all", declaring("3"), vec![]),
         ("long in one frame", declaring("4"), vec!["hello world"]),
@@ -480,8 +518,11 @@ fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
             vec!["hello", "world"],
         ),
     ];
-    for (case, fields, data) in &cases {
-        let outcome = send_raw(&sp, fields, data);
+    for ((case, fields, data), how) in cases
+        .iter()
+        .flat_map(|c| [(c, Send::Fin), (c, Send::Paced)])
+    {
+        let outcome = send_raw_with(&sp, fields, data, how);
         assert!(
             is_message_error_reset(&outcome),
             "{case}: unexpected outcome {outcome:?}"
@@ -493,15 +534,19 @@ fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
             "{case}: the backend got a complete request: {complete:?}"
         );
     }
-    // Whatever reached the backend was an aborted head plus at most the
-    // declared number of bytes: never more than declared.
+    // Paced, the head and the body so far went upstream before the
+    // mismatch showed; the upstream request was then aborted, and never
+    // carried more than the declared bytes.
     let raw = recorder.raw_text();
-    assert!(!raw.contains("hello world"), "{raw}");
-    assert!(!raw.contains("helloworld"), "{raw}");
+    assert!(raw.contains("POST /upload HTTP/1.1\r\n"), "{raw}");
+    assert!(raw.contains("content-length: 10\r\n"), "{raw}");
+    assert!(raw.contains("\r\n\r\nhello"), "{raw}");
+    assert!(!raw.contains("world"), "{raw}");
     // A well-formed request on the same spooky still goes through.
     let mut exact = pseudo("POST", &authority, "/upload");
     exact.push(("content-length", "5"));
     let got = send_raw(&sp, &exact, &["hello"]);
     assert_eq!(got.status, Some(200), "{got:?}");
     assert_eq!(recorder.complete().len(), 1);
+    assert_no_panic(&sp);
 }

@@ -66,14 +66,21 @@ class RawClient(QuicConnectionProtocol):
             if getattr(ev, "stream_ended", False):
                 self._finish()
 
-    def send_raw(self, headers, data, fin):
+    async def send_raw(self, headers, data, fin, pause):
         self.sid = self._quic.get_next_available_stream_id()
         block = self.h3._encode_headers(self.sid, headers)
         frames = [encode_frame(FrameType.HEADERS, block)]
         frames += [encode_frame(FrameType.DATA, d) for d in data]
-        for i, f in enumerate(frames):
-            self._quic.send_stream_data(self.sid, f, end_stream=fin and i == len(frames) - 1)
-        self.transmit()
+        for f in frames:
+            self._quic.send_stream_data(self.sid, f)
+            self.transmit()
+            if pause:
+                # Let the server act on what it has (forward the head and
+                # the body so far) before the next frame.
+                await asyncio.sleep(pause)
+        if fin:
+            self._quic.send_stream_data(self.sid, b"", end_stream=True)
+            self.transmit()
 
 
 async def main():
@@ -89,6 +96,7 @@ async def main():
     )
     p.add_argument("--data", default="[]", help="JSON list of strings: one DATA frame each")
     p.add_argument("--no-fin", action="store_true", help="leave the request stream open")
+    p.add_argument("--pause-ms", type=int, default=0, help="pause after each frame")
     p.add_argument("--timeout", type=float, default=10.0)
     a = p.parse_args()
 
@@ -99,7 +107,7 @@ async def main():
     if a.ca:
         cfg.load_verify_locations(a.ca)
     async with connect(a.host, a.port, configuration=cfg, create_protocol=RawClient) as client:
-        client.send_raw(headers, data, not a.no_fin)
+        await client.send_raw(headers, data, not a.no_fin, a.pause_ms / 1000)
         try:
             # A copy: closing the connection on the way out adds its own
             # ConnectionTerminated.
