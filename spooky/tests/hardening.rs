@@ -550,3 +550,118 @@ fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
     assert_eq!(recorder.complete().len(), 1);
     assert_no_panic(&sp);
 }
+
+/// The same over an HTTP/3 backend, where no HTTP/1.1 framing stands in
+/// the way: the demo backend's `/sink` answers 200 to whatever body ends
+/// cleanly, so a 200 in spooky's access log would mean the backend took a
+/// body of another length than declared.
+#[test]
+fn content_length_mismatch_never_completes_on_an_http3_backend() {
+    if python().is_none() {
+        return;
+    }
+    let certs = certs();
+    let (_backend, addr) = backend("sink", &certs, &[]);
+    let up = upstream_yaml("demo", &certs, &[("sink", addr)], "");
+    let sp = spooky(&format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
+    ));
+    let authority = format!("localhost:{}", sp.port);
+    let declaring = |n: &'static str| {
+        let mut f = pseudo("POST", &authority, "/sink");
+        f.push(("content-length", n));
+        f
+    };
+    let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
+        ("short", declaring("10"), vec!["hello"]),
+        ("long", declaring("6"), vec!["hello", "world"]),
+    ];
+    for (case, fields, data) in &cases {
+        let outcome = send_raw_with(&sp, fields, data, Send::Paced);
+        assert!(
+            is_message_error_reset(&outcome),
+            "{case}: unexpected outcome {outcome:?}"
+        );
+    }
+    let got = send_raw(&sp, &declaring("5"), &["hello"]);
+    assert_eq!(got.status, Some(200), "{got:?}");
+    assert!(got.body.starts_with("received 5 bytes"), "{got:?}");
+    // Access-log lines are written when the response head is ready.
+    std::thread::sleep(Duration::from_millis(100));
+    let sinks: Vec<String> = sp
+        .proc
+        .out
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("spooky::access") && l.contains("path=\"/sink\""))
+        .collect();
+    assert_eq!(sinks.len(), 3, "{sinks:#?}");
+    let ok = sinks.iter().filter(|l| l.contains("status=200")).count();
+    assert_eq!(ok, 1, "only the exact body may complete: {sinks:#?}");
+    assert_no_panic(&sp);
+}
+
+/// HTTP/2 on the TCP listener: h2 rejects most malformed requests itself;
+/// what it lets through (a `host` that disagrees with `:authority`,
+/// whitespace around a value, an empty `content-length`, which h2 reads as
+/// 0) gets spooky's 400 and never reaches the backend.
+#[tokio::test]
+async fn http2_clients_get_400_for_what_h2_lets_through() {
+    let recorder = Recorder::start();
+    let sp = spooky_before(&recorder);
+    let tls = spooky::tls::client_config(
+        &spooky::tls::Verification::CaFile(sp.cert()),
+        rustls::DEFAULT_VERSIONS,
+        &[b"h2"],
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let url = sp.url("/h2");
+    let send = |extra: &[(&'static str, &'static str)]| {
+        let mut req = http::Request::get(&url);
+        for (n, v) in extra {
+            req = req.header(*n, *v);
+        }
+        let req = req.body(()).unwrap();
+        let client = client.clone();
+        async move {
+            let mut client = client.ready().await.unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                text.extend_from_slice(&chunk.unwrap());
+            }
+            (status, String::from_utf8_lossy(&text).into_owned())
+        }
+    };
+    let cases: [(&str, &[(&'static str, &'static str)]); 4] = [
+        ("host disagrees", &[("host", "evil.example")]),
+        ("leading space", &[("x-a", " v")]),
+        ("trailing tab", &[("x-a", "v\t")]),
+        ("empty content-length", &[("content-length", "")]),
+    ];
+    for (case, extra) in cases {
+        let (status, body) = send(extra).await;
+        assert_eq!(status, 400, "{case}: {body}");
+        assert!(
+            body.starts_with("400 Bad Request: malformed request"),
+            "{case}: {body}"
+        );
+    }
+    assert_eq!(recorder.raw_len(), 0, "{}", recorder.raw_text());
+    // Positive control on the same connection.
+    let (status, body) = send(&[("x-a", "v")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(recorder.complete().len(), 1);
+    assert_no_panic(&sp);
+}
