@@ -2,7 +2,10 @@
 //! runs HTTP/3 on them, and turns each request stream into an
 //! `http::Request<ProxyBody>` for the proxy and the proxy's response back
 //! into HEADERS, DATA and trailers. A malformed request or a client reset
-//! ends only its own stream.
+//! ends only its own stream. A request head is validated
+//! ([`super::validate`]) before it goes upstream, and its body is held to
+//! its `content-length`: a mismatch aborts the upstream request and resets
+//! the stream.
 
 use std::sync::Arc;
 use std::time::Duration;
