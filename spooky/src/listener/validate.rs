@@ -11,13 +11,15 @@
 //!   `Header::into_request_parts`) resets the stream with
 //!   `H3_MESSAGE_ERROR` for unknown pseudo-header fields, uppercase field
 //!   names, CR/LF/NUL (any control character but HTAB) in values, a missing
-//!   `:method`, no `:authority` and no `host`, `:authority` ≠ `host`
-//!   (exact comparison), an empty `:authority`, and `:scheme` without
-//!   `:path` or `:path` without `:scheme` (when `:authority` is present).
-//!   It silently normalises a duplicated pseudo-header (the last one wins)
-//!   and a pseudo-header after a regular field: those are gone by the
-//!   time a request reaches us (see `Header::try_from`) and only a patched
-//!   h3 could reject them.
+//!   `:method`, no `:authority` and no `host`, `:authority` ≠ the first
+//!   `host` (exact comparison; later `host`s are not looked at), an empty
+//!   `:authority` or `:path`, and `:scheme` without `:path` or `:path`
+//!   without `:scheme` (when `:authority` is present). It silently
+//!   normalises a duplicated pseudo-header (the last one wins) and a
+//!   pseudo-header after a regular field, and the `http` crate drops a
+//!   `#fragment` from `:path`: those are gone by the time a request
+//!   reaches us (see `Header::try_from`) and only a patched h3 could
+//!   reject them.
 //! - h2 0.4 (`frame/headers.rs` `load_hpack`, `server.rs` `convert_poll_message`,
 //!   `proto/streams/recv.rs`) rejects connection-specific fields, `te`
 //!   other than `trailers`, repeated or misplaced pseudo-headers, missing
@@ -180,8 +182,7 @@ fn check_path_form(method: &Method, uri: &Uri) -> Result<(), Violation> {
     let Some(pq) = uri.path_and_query() else {
         return Ok(());
     };
-    // An empty `:path` cannot be seen here: `PathAndQuery` reads it as
-    // `/` (see the module documentation).
+    // An empty `:path` never gets here: h3 and h2 reset the stream.
     let target = pq.as_str();
     if target.starts_with('/') || (target == "*" && method == Method::OPTIONS) {
         Ok(())
