@@ -32,6 +32,11 @@ pub enum BodyError {
     TooLarge { limit: u64 },
     #[error("HTTP/3 stream error: {0}")]
     H3(#[from] h3::error::StreamError),
+    /// The DATA received disagrees with the declared `content-length`
+    /// (RFC 9114 §4.1.2: the message is malformed). `received` counts up
+    /// to and including the chunk that overshot.
+    #[error("body of {received} bytes where content-length declared {declared}")]
+    LengthMismatch { declared: u64, received: u64 },
 }
 
 /// An empty body.
@@ -69,8 +74,8 @@ pub trait H3Recv: Send + Unpin + 'static {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>>;
-    /// Aborts reading (STOP_SENDING) with `H3_REQUEST_CANCELLED`.
-    fn cancel(&mut self);
+    /// Aborts reading (STOP_SENDING) with `code`.
+    fn stop(&mut self, code: h3::error::Code);
 }
 
 macro_rules! impl_h3_recv {
@@ -89,8 +94,8 @@ macro_rules! impl_h3_recv {
             ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
                 self.poll_recv_trailers(cx)
             }
-            fn cancel(&mut self) {
-                self.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+            fn stop(&mut self, code: h3::error::Code) {
+                self.stop_sending(code);
             }
         }
     };
@@ -104,6 +109,31 @@ enum RecvPhase {
     Data,
     Trailers,
     Done,
+    /// The body broke its declared length: every later poll repeats the
+    /// error, so that nobody (a retry replaying the body, say) can read a
+    /// clean end after it.
+    Malformed {
+        declared: u64,
+        received: u64,
+    },
+}
+
+/// Set when a request body turns out malformed (DATA disagreeing with its
+/// `content-length`). The proxy sees only a failed body; the listener
+/// checks this to answer the client with `H3_MESSAGE_ERROR` rather than
+/// with whatever the failed forward produced.
+#[derive(Debug, Clone, Default)]
+pub struct MalformedBody(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl MalformedBody {
+    /// Whether the body broke its declared length.
+    pub fn detected(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn record(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// An HTTP/3 receive stream as an `http_body::Body`. Holds an optional
@@ -113,26 +143,63 @@ pub struct H3Body<R: H3Recv> {
     recv: R,
     phase: RecvPhase,
     size_hint: SizeHint,
+    /// Enforced `content-length` (see [`H3Body::enforcing`]) and what
+    /// arrived so far.
+    declared: Option<u64>,
+    received: u64,
+    malformed: Option<MalformedBody>,
     guard: Option<Box<dyn Send>>,
-    /// The last poll returned Pending: h3-quinn has lent the QUIC stream to
-    /// its read future, and a STOP_SENDING now would panic inside
-    /// h3-quinn (`stop_sending` unwraps the lent stream). Dropping that
-    /// future drops the quinn stream, which stops the peer by itself.
-    read_pending: bool,
+    /// h3-quinn may have lent the QUIC stream to its read future, and a
+    /// STOP_SENDING now would panic inside h3-quinn (`stop_sending`
+    /// unwraps the lent stream). Not only after Pending: h3 0.0.8
+    /// (`FrameStream::poll_data`) returns DATA it had buffered while its
+    /// new read is still pending, so only a fresh stream or a clean end of
+    /// DATA proves the stream is back. Dropping the read future drops the
+    /// quinn stream, which stops the peer by itself (with code 0).
+    read_may_be_lent: bool,
 }
 
 impl<R: H3Recv> H3Body<R> {
     /// Wraps `recv`; `content_length` (when the peer announced one) feeds
-    /// the size hint.
+    /// the size hint only: a response to HEAD, or a 304, declares a length
+    /// it does not carry.
     pub fn new(recv: R, content_length: Option<u64>, guard: Option<Box<dyn Send>>) -> Self {
         let size_hint = content_length.map_or_else(SizeHint::new, SizeHint::with_exact);
         Self {
             recv,
             phase: RecvPhase::Data,
             size_hint,
+            declared: None,
+            received: 0,
+            malformed: None,
             guard,
-            read_pending: false,
+            read_may_be_lent: false,
         }
+    }
+
+    /// Wraps a request body whose `content-length` (when declared) must
+    /// equal the DATA received: a chunk that would overshoot is never
+    /// yielded, and an early end is an error, so whatever forwards this
+    /// body aborts instead of completing a request of another length. A
+    /// mismatch is recorded in `malformed`, for the listener to reset the
+    /// stream with `H3_MESSAGE_ERROR`.
+    pub fn enforcing(recv: R, content_length: Option<u64>, malformed: MalformedBody) -> Self {
+        let mut body = Self::new(recv, content_length, None);
+        body.declared = content_length;
+        body.malformed = Some(malformed);
+        body
+    }
+
+    /// Fails the body for breaking its declared length. No STOP_SENDING
+    /// here: after an overshooting chunk the stream may be lent (see
+    /// `read_may_be_lent`), and after a short end the peer has finished.
+    fn length_mismatch(&mut self, declared: u64, received: u64) -> BoxError {
+        self.phase = RecvPhase::Malformed { declared, received };
+        self.guard = None;
+        if let Some(m) = &self.malformed {
+            m.record();
+        }
+        BodyError::LengthMismatch { declared, received }.into()
     }
 
     fn finish(&mut self) {
@@ -145,8 +212,8 @@ impl<R: H3Recv> Drop for H3Body<R> {
     fn drop(&mut self) {
         // Nobody will read the rest: tell the peer to stop sending instead of
         // letting flow control stall it.
-        if self.phase != RecvPhase::Done && !self.read_pending {
-            self.recv.cancel();
+        if matches!(self.phase, RecvPhase::Data | RecvPhase::Trailers) && !self.read_may_be_lent {
+            self.recv.stop(h3::error::Code::H3_REQUEST_CANCELLED);
         }
     }
 }
@@ -164,11 +231,30 @@ impl<R: H3Recv> Body for H3Body<R> {
             match this.phase {
                 RecvPhase::Data => {
                     let r = this.recv.poll_data(cx);
-                    this.read_pending = r.is_pending();
+                    this.read_may_be_lent = !matches!(r, Poll::Ready(Ok(None)));
                     match ready!(r) {
                         Ok(Some(chunk)) if chunk.is_empty() => continue,
-                        Ok(Some(chunk)) => return Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                        Ok(None) => this.phase = RecvPhase::Trailers,
+                        Ok(Some(chunk)) => {
+                            let received = this.received.saturating_add(chunk.len() as u64);
+                            if let Some(declared) = this.declared {
+                                if received > declared {
+                                    let e = this.length_mismatch(declared, received);
+                                    return Poll::Ready(Some(Err(e)));
+                                }
+                                this.size_hint = SizeHint::with_exact(declared - received);
+                            }
+                            this.received = received;
+                            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                        }
+                        Ok(None) => {
+                            if let Some(declared) = this.declared
+                                && this.received != declared
+                            {
+                                let e = this.length_mismatch(declared, this.received);
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            this.phase = RecvPhase::Trailers;
+                        }
                         Err(e) => {
                             this.finish();
                             return Poll::Ready(Some(Err(BodyError::H3(e).into())));
@@ -177,7 +263,8 @@ impl<R: H3Recv> Body for H3Body<R> {
                 }
                 RecvPhase::Trailers => {
                     let r = this.recv.poll_trailers(cx);
-                    this.read_pending = r.is_pending();
+                    // Ready ends the body either way (no STOP_SENDING after).
+                    this.read_may_be_lent = r.is_pending();
                     let r = ready!(r);
                     this.finish();
                     return Poll::Ready(match r {
@@ -187,6 +274,13 @@ impl<R: H3Recv> Body for H3Body<R> {
                     });
                 }
                 RecvPhase::Done => return Poll::Ready(None),
+                RecvPhase::Malformed { declared, received } => {
+                    return Poll::Ready(Some(Err(BodyError::LengthMismatch {
+                        declared,
+                        received,
+                    }
+                    .into())));
+                }
             }
         }
     }
@@ -606,6 +700,163 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receive half that yields scripted DATA chunks, then optional
+    /// trailers, and records the code it was stopped with. Like h3 over
+    /// h3-quinn, it may have a read outstanding after returning DATA; a
+    /// STOP_SENDING then panics, as h3-quinn's does.
+    struct ScriptedRecv {
+        chunks: std::collections::VecDeque<Bytes>,
+        trailers: Option<HeaderMap>,
+        stopped: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+        lent: bool,
+    }
+
+    impl H3Recv for ScriptedRecv {
+        fn poll_data(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
+            let chunk = self.chunks.pop_front();
+            self.lent = chunk.is_some();
+            Poll::Ready(Ok(chunk))
+        }
+        fn poll_trailers(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
+            Poll::Ready(Ok(self.trailers.take()))
+        }
+        fn stop(&mut self, code: h3::error::Code) {
+            assert!(
+                !self.lent,
+                "STOP_SENDING on a lent stream panics in h3-quinn"
+            );
+            *self.stopped.lock().unwrap() = Some(code.value());
+        }
+    }
+
+    type StopCode = std::sync::Arc<std::sync::Mutex<Option<u64>>>;
+
+    fn scripted(sizes: &[usize], trailers: Option<HeaderMap>) -> (ScriptedRecv, StopCode) {
+        let stopped = StopCode::default();
+        let recv = ScriptedRecv {
+            chunks: sizes.iter().map(|&n| Bytes::from(vec![7u8; n])).collect(),
+            trailers,
+            stopped: stopped.clone(),
+            lent: false,
+        };
+        (recv, stopped)
+    }
+
+    const H3_REQUEST_CANCELLED: u64 = 0x010c;
+
+    fn mismatch(err: &BoxError) -> Option<(u64, u64)> {
+        match err.downcast_ref::<BodyError>() {
+            Some(BodyError::LengthMismatch { declared, received }) => Some((*declared, *received)),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn enforced_length_passes_an_exact_body_and_its_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", http::HeaderValue::from_static("1"));
+        let (recv, stopped) = scripted(&[3, 4], Some(t));
+        let malformed = MalformedBody::default();
+        let body = H3Body::enforcing(recv, Some(7), malformed.clone());
+        assert_eq!(body.size_hint().exact(), Some(7));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-sum"], "1");
+        assert_eq!(collected.to_bytes().len(), 7);
+        assert!(!malformed.detected());
+        assert_eq!(*stopped.lock().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn enforced_length_fails_before_yielding_an_overshooting_chunk() {
+        let (recv, stopped) = scripted(&[3, 3], None);
+        let malformed = MalformedBody::default();
+        let mut body = H3Body::enforcing(recv, Some(5), malformed.clone());
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.len(), 3);
+        assert_eq!(body.size_hint().exact(), Some(2));
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(mismatch(&err), Some((5, 6)), "{err}");
+        assert!(malformed.detected());
+        // Sticky: a second reader (a retry) cannot see a clean end.
+        let again = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(mismatch(&again), Some((5, 6)));
+        assert!(!body.is_end_stream());
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None, "the stream may be lent");
+    }
+
+    #[tokio::test]
+    async fn enforced_length_fails_a_body_that_ends_short() {
+        let (recv, stopped) = scripted(&[4], None);
+        let malformed = MalformedBody::default();
+        let mut body = H3Body::enforcing(recv, Some(10), malformed.clone());
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            4
+        );
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(mismatch(&err), Some((10, 4)), "{err}");
+        assert!(malformed.detected());
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None, "the peer has finished");
+        // Declared but no DATA at all is short too.
+        let (recv, _) = scripted(&[], None);
+        let mut empty = H3Body::enforcing(recv, Some(1), MalformedBody::default());
+        let err = empty.frame().await.unwrap().unwrap_err();
+        assert_eq!(mismatch(&err), Some((1, 0)));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_body_stops_the_peer_only_when_safe() {
+        // Unread: STOP_SENDING tells the peer nobody will read the rest.
+        let (recv, stopped) = scripted(&[3], None);
+        drop(H3Body::enforcing(recv, Some(3), MalformedBody::default()));
+        assert_eq!(*stopped.lock().unwrap(), Some(H3_REQUEST_CANCELLED));
+        // A consumer that stops after the declared bytes (as hyper does)
+        // while h3 may still have a read outstanding: no STOP_SENDING.
+        let (recv, stopped) = scripted(&[3], None);
+        let mut body = H3Body::enforcing(recv, Some(3), MalformedBody::default());
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            3
+        );
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn without_a_declared_length_nothing_is_enforced() {
+        let (recv, _) = scripted(&[5, 5], None);
+        let malformed = MalformedBody::default();
+        let body = H3Body::enforcing(recv, None, malformed.clone());
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
+        assert!(!malformed.detected());
+        // `new` takes the length as a hint only: a HEAD response declares
+        // a length it does not carry.
+        let (recv, stopped) = scripted(&[], None);
+        let head = H3Body::new(recv, Some(100), None);
+        assert!(head.collect().await.unwrap().to_bytes().is_empty());
+        assert_eq!(*stopped.lock().unwrap(), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_fires_on_a_stalled_body() {

@@ -397,6 +397,15 @@ pub fn render(s: &Scrape<'_>) -> String {
             .inc_by(g.local[i].load(Ordering::Relaxed));
     }
 
+    let malformed = f.counter_vec(
+        "spooky_malformed_requests_total",
+        "Requests rejected as malformed (RFC 9114 §4.1.2: 400 or H3_MESSAGE_ERROR).",
+        &[],
+    );
+    malformed
+        .with_label_values(&[] as &[&str])
+        .inc_by(crate::listener::validate::MALFORMED_REQUESTS.load(Ordering::Relaxed));
+
     let ub = ["upstream", "backend"];
     let b_requests = f.counter_vec(
         "spooky_backend_requests_total",

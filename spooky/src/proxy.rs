@@ -17,11 +17,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::body::{self, BoxError, IdleTimeout, Limited, ProxyBody};
 use crate::config::Config;
 use crate::limits::{RateLimited, RequestLimits};
+use crate::listener::validate::{self, Violation};
 use crate::metrics::LIVE;
 use crate::reload::Generation;
 use crate::routing;
@@ -190,6 +191,36 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 }
 
 impl Proxy {
+    /// The answer to a request that failed validation: 400 with the reason
+    /// and a request id, counted in [`validate::MALFORMED_REQUESTS`] and
+    /// access-logged like any local answer. Nothing reaches a backend.
+    pub fn reject_malformed(
+        &self,
+        parts: &http::request::Parts,
+        down: Downstream,
+        violation: &Violation,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        validate::MALFORMED_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(peer = %down.peer, protocol = down.via_version, %violation, "malformed request rejected");
+        let id_header = &self.config.request_id_header;
+        let rid = request_id(&parts.headers, id_header);
+        let resp = error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed request: {violation}"),
+            &rid,
+            id_header,
+        );
+        self.finish(
+            resp,
+            Logged::of(parts),
+            &down,
+            &rid,
+            Served::local(None, None),
+            started,
+        )
+    }
+
     /// Serves one request end to end. Never fails: every error becomes a
     /// response (the body may still fail later, which resets the stream).
     pub async fn handle(&self, req: Request<ProxyBody>, down: Downstream) -> Response<ProxyBody> {

@@ -2,7 +2,10 @@
 //! runs HTTP/3 on them, and turns each request stream into an
 //! `http::Request<ProxyBody>` for the proxy and the proxy's response back
 //! into HEADERS, DATA and trailers. A malformed request or a client reset
-//! ends only its own stream.
+//! ends only its own stream. A request head is validated
+//! ([`super::validate`]) before it goes upstream, and its body is held to
+//! its `content-length`: a mismatch aborts the upstream request and resets
+//! the stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +15,9 @@ use http::Response;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
-use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, SendBodyError};
+use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, MalformedBody, SendBodyError};
 use crate::limits::ConnectionSlot;
 use crate::metrics::LIVE;
 use crate::proxy::{Downstream, Proxy, ProxyHandle};
@@ -181,19 +185,38 @@ async fn serve_request(
             return;
         }
     };
-    let (send, recv) = stream.split();
-    let content_length = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let (mut parts, ()) = req.into_parts();
+    let (mut send, mut recv) = stream.split();
+    let validated = match validate::validate(&parts, ClientVersion::Http3) {
+        Ok(v) => v,
+        Err(violation) => {
+            // 400 first (RFC 9114 §4.1.2 allows a response before closing),
+            // then STOP_SENDING: the body, if any, is of no use.
+            let resp = proxy.reject_malformed(&parts, down, &violation);
+            recv.stop_sending(h3::error::Code::H3_MESSAGE_ERROR);
+            send_response(send, resp, down).await;
+            return;
+        }
+    };
+    validate::normalize_content_length(&mut parts.headers, validated);
     let idle = proxy.config.timeouts.idle;
+    let malformed_body = MalformedBody::default();
     let body = body::boxed(IdleTimeout::new(
-        H3Body::new(recv, content_length, None),
+        H3Body::enforcing(recv, validated.content_length, malformed_body.clone()),
         idle,
     ));
-    let req = req.map(|()| body);
+    let req = http::Request::from_parts(parts, body);
     let resp = proxy.handle(req, down).await;
+    if malformed_body.detected() {
+        // The body broke its content-length after the request went
+        // upstream (which the failed body aborted): whatever came back
+        // answers a request the client did not send. RFC 9114 §4.1.2:
+        // a stream error of type H3_MESSAGE_ERROR.
+        validate::MALFORMED_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(peer = %down.peer, "request body disagrees with content-length; stream reset");
+        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return;
+    }
     send_response(send, resp, down).await;
 }
 

@@ -5,6 +5,7 @@
 
 pub mod h3;
 pub mod tcp;
+pub mod validate;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

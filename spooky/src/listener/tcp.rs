@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, IdleTimeout};
 use crate::limits::ConnectionSlot;
@@ -172,13 +173,26 @@ async fn serve_connection(
                 http::Version::HTTP_10 => "1.0",
                 _ => "1.1",
             };
-            let (parts, incoming) = req.into_parts();
-            let body = body::boxed(IdleTimeout::new(incoming, idle));
+            let (mut parts, incoming) = req.into_parts();
             let down = Downstream {
                 peer,
                 via_version,
                 scheme: "https",
             };
+            // h2 already rejects most malformed HTTP/2 requests; this
+            // covers what it lets through (see `validate`). HTTP/1.1 has
+            // its own framing rules, enforced by hyper's parser.
+            if parts.version == http::Version::HTTP_2 {
+                match validate::validate(&parts, ClientVersion::Http2) {
+                    Ok(v) => validate::normalize_content_length(&mut parts.headers, v),
+                    Err(violation) => {
+                        let mut resp = proxy.reject_malformed(&parts, down, &violation);
+                        resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
+                        return Ok(resp);
+                    }
+                }
+            }
+            let body = body::boxed(IdleTimeout::new(incoming, idle));
             let mut resp = proxy.handle(Request::from_parts(parts, body), down).await;
             resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
             Ok::<_, Infallible>(resp)
