@@ -295,7 +295,7 @@ impl Default for LimitsConfig {
             requests_per_ip: None,
             max_connections_per_ip: None,
             handshakes: None,
-            retry_threshold: 256,
+            retry_threshold: 64,
             max_handshakes_in_progress: 4096,
         }
     }
