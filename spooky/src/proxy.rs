@@ -176,8 +176,24 @@ fn append_via(headers: &mut HeaderMap, version: &str) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_canonical().to_string();
+/// Appends the client to `x-forwarded-for` and to the standard
+/// `forwarded` header (RFC 7239). `peer` is the client's address when this
+/// request arrived: after a connection migration, the new one.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, proto: &str) {
+    let ip = peer.ip().to_canonical();
+    let node = match ip {
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        v4 => v4.to_string(),
+    };
+    let element = format!("for={node};proto={proto}");
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    let ip = ip.to_string();
     let value = match headers
         .get(HeaderName::from_static("x-forwarded-for"))
         .and_then(|v| v.to_str().ok())
@@ -302,7 +318,7 @@ impl Proxy {
         // Upstream request headers.
         let h = &mut parts.headers;
         strip_hop_by_hop(h, true);
-        append_forwarded_for(h, down.peer);
+        append_forwarded_for(h, down.peer, down.scheme);
         h.insert(
             HeaderName::from_static("x-forwarded-proto"),
             HeaderValue::from_static(down.scheme),
@@ -595,10 +611,15 @@ mod tests {
     fn forwarding_headers_append() {
         let mut h = HeaderMap::new();
         let peer: SocketAddr = "[::ffff:198.18.0.2]:5000".parse().unwrap();
-        append_forwarded_for(&mut h, peer);
+        append_forwarded_for(&mut h, peer, "https");
         assert_eq!(h["x-forwarded-for"], "198.18.0.2");
-        append_forwarded_for(&mut h, "198.18.0.3:1".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "198.18.0.2, 198.18.0.3");
+        assert_eq!(h["forwarded"], "for=198.18.0.2;proto=https");
+        append_forwarded_for(&mut h, "[2001:db8::7]:1".parse().unwrap(), "https");
+        assert_eq!(h["x-forwarded-for"], "198.18.0.2, 2001:db8::7");
+        assert_eq!(
+            h["forwarded"],
+            "for=198.18.0.2;proto=https, for=\"[2001:db8::7]\";proto=https"
+        );
         append_via(&mut h, "3");
         append_via(&mut h, "1.1");
         assert_eq!(h["via"], "3 spooky, 1.1 spooky");
