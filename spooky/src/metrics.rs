@@ -201,7 +201,7 @@ pub struct Global {
     local: [AtomicU64; LOCAL_STATUSES.len()],
 }
 
-const LOCAL_STATUSES: [u16; 6] = [404, 413, 500, 502, 503, 504];
+const LOCAL_STATUSES: [u16; 9] = [400, 404, 413, 429, 431, 500, 502, 503, 504];
 
 /// The process-wide counters.
 pub static GLOBAL: Global = Global {
@@ -606,6 +606,7 @@ mod tests {
         assert_eq!(g.requests[1].load(Ordering::Relaxed), 1);
         assert_eq!(g.responses[4].load(Ordering::Relaxed), 1);
         assert_eq!(g.responses[1].load(Ordering::Relaxed), 1);
-        assert_eq!(g.local[3].load(Ordering::Relaxed), 1);
+        let i502 = LOCAL_STATUSES.iter().position(|&s| s == 502).unwrap();
+        assert_eq!(g.local[i502].load(Ordering::Relaxed), 1);
     }
 }

@@ -245,6 +245,26 @@ impl Proxy {
         let id_header = &cfg.request_id_header;
         let (mut parts, body) = req.into_parts();
         let rid = request_id(&parts.headers, id_header);
+        if parts.headers.len() > cfg.limits.max_request_headers {
+            let detail = format!(
+                "{} header fields; at most {} are allowed",
+                parts.headers.len(),
+                cfg.limits.max_request_headers
+            );
+            return self.finish(
+                error_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    &detail,
+                    &rid,
+                    id_header,
+                ),
+                Logged::of(&parts),
+                &down,
+                &rid,
+                Served::local(None, None),
+                started,
+            );
+        }
         let client_ip = down.peer.ip().to_canonical();
         if let Err(limited) = self.limits.check_client(client_ip, started) {
             return self.finish(

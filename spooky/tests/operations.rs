@@ -804,3 +804,53 @@ async fn certificates_rotate_on_reload_and_logs_can_be_json() {
     }
     assert_eq!(access, 3, "{lines:?}");
 }
+
+#[tokio::test]
+async fn header_limits_answer_431_and_slow_headers_are_cut_off() {
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "limits: { max_request_headers: 20, request_header_timeout_ms: 500 }\n",
+    ));
+    let client = sp.client().await;
+    let mut req = http::Request::get("/");
+    for i in 0..30 {
+        req = req.header(format!("x-h-{i}"), "1");
+    }
+    let resp = client
+        .send(req.body(spooky::body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    assert_eq!(client.get("/").await.unwrap().0.status(), 200);
+
+    // A stream that starts a HEADERS frame (type 0x01, length 100) and
+    // never finishes it is closed without a response after the header
+    // timeout (h3 holds the stream until the headers are in, so dropping
+    // it ends it with FIN rather than a reset); the connection and its
+    // other requests carry on.
+    let quic = client.connection().clone();
+    let (mut send, mut recv) = quic.open_bi().await.unwrap();
+    send.write_all(&[0x01, 0x40, 0x64, 0, 0, 0]).await.unwrap();
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024)).await;
+    let took = started.elapsed();
+    match read {
+        Ok(Err(_)) => {}
+        Ok(Ok(bytes)) => assert!(bytes.is_empty(), "a response came back: {bytes:?}"),
+        Err(_) => panic!("the stream was not closed within 5 s"),
+    }
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(client.get("/").await.unwrap().0.status(), 200);
+    let m = scrape(admin_port);
+    assert_eq!(
+        metric(&m, "spooky_local_responses_total{status=\"431\"}"),
+        1.0
+    );
+}

@@ -273,6 +273,11 @@ pub struct LimitsConfig {
     /// Hard cap on QUIC handshakes in progress per worker; beyond it new
     /// Initials are refused.
     pub max_handshakes_in_progress: u32,
+    /// Header fields per request; 431 beyond it.
+    pub max_request_headers: u32,
+    /// How long an HTTP/3 client may take to send a request's header
+    /// section once it opened the stream (slow-loris protection).
+    pub request_header_timeout_ms: u64,
 }
 
 /// A token bucket: `per_second` sustained, up to `burst` at once.
@@ -297,6 +302,8 @@ impl Default for LimitsConfig {
             handshakes: None,
             retry_threshold: 64,
             max_handshakes_in_progress: 4096,
+            max_request_headers: 100,
+            request_header_timeout_ms: 10_000,
         }
     }
 }

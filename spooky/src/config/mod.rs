@@ -193,6 +193,8 @@ pub struct Limits {
     pub handshakes: Option<Rate>,
     pub retry_threshold: u32,
     pub max_handshakes_in_progress: u32,
+    pub max_request_headers: usize,
+    pub request_header_timeout: Duration,
 }
 
 /// Logging.
@@ -423,6 +425,18 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
         c.err(
             "limits.max_connections_per_ip",
             "must be at least 1; omit it for no limit",
+        );
+    }
+    if limits.max_request_headers < 8 {
+        c.err(
+            "limits.max_request_headers",
+            "must be at least 8 (default 100)",
+        );
+    }
+    if limits.request_header_timeout_ms == 0 {
+        c.err(
+            "limits.request_header_timeout_ms",
+            "must be at least 1 millisecond (default 10000)",
         );
     }
     if limits.max_handshakes_in_progress == 0 {
@@ -661,6 +675,8 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             handshakes,
             retry_threshold: limits.retry_threshold,
             max_handshakes_in_progress: limits.max_handshakes_in_progress,
+            max_request_headers: limits.max_request_headers as usize,
+            request_header_timeout: Duration::from_millis(limits.request_header_timeout_ms),
         },
         request_id_header,
         steering: Steering {

@@ -176,7 +176,17 @@ async fn serve_request(
     proxy: Arc<Proxy>,
     down: Downstream,
 ) {
-    let (req, stream) = match resolver.resolve_request().await {
+    let header_timeout = proxy.config.limits.request_header_timeout;
+    let resolved = match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+        Ok(r) => r,
+        Err(_) => {
+            // Dropping the resolver resets the stream; the connection and
+            // its other requests carry on.
+            debug!(peer = %down.peer, ms = header_timeout.as_millis() as u64, "request headers not received in time");
+            return;
+        }
+    };
+    let (req, stream) = match resolved {
         Ok(r) => r,
         Err(e) => {
             // Malformed headers, too large a header section, or a reset
