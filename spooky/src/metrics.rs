@@ -201,7 +201,7 @@ pub struct Global {
     local: [AtomicU64; LOCAL_STATUSES.len()],
 }
 
-const LOCAL_STATUSES: [u16; 9] = [400, 404, 413, 429, 431, 500, 502, 503, 504];
+const LOCAL_STATUSES: [u16; 10] = [400, 404, 413, 425, 429, 431, 500, 502, 503, 504];
 
 /// The process-wide counters.
 pub static GLOBAL: Global = Global {

@@ -54,6 +54,8 @@ pub struct Downstream {
     pub via_version: &'static str,
     /// Scheme the client used (`https`, or `http` for a plain listener).
     pub scheme: &'static str,
+    /// The request arrived in TLS early data (0-RTT) and may be a replay.
+    pub early_data: bool,
 }
 
 /// Per-worker request-path state of one config generation: the config,
@@ -263,6 +265,34 @@ impl Proxy {
                 &rid,
                 Served::local(None, None),
                 started,
+            );
+        }
+        if down.early_data {
+            // RFC 8470: early data can be replayed by an attacker, so only
+            // methods that are safe to repeat go through; the client
+            // retries the others after the handshake.
+            if !matches!(
+                parts.method,
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            ) {
+                let resp = error_response(
+                    StatusCode::TOO_EARLY,
+                    "this method is not accepted in 0-RTT early data; retry after the handshake",
+                    &rid,
+                    id_header,
+                );
+                return self.finish(
+                    resp,
+                    Logged::of(&parts),
+                    &down,
+                    &rid,
+                    Served::local(None, None),
+                    started,
+                );
+            }
+            parts.headers.insert(
+                HeaderName::from_static("early-data"),
+                HeaderValue::from_static("1"),
             );
         }
         let client_ip = down.peer.ip().to_canonical();

@@ -76,7 +76,11 @@ impl Generation {
         previous: Option<&Generation>,
     ) -> Result<Self, ReloadError> {
         let (cert, key) = cert_paths(&config)?;
-        let quic_tls = Arc::new(tls::quic_server_config(&cert, &key)?);
+        let quic_tls = Arc::new(tls::quic_listener_config(
+            &cert,
+            &key,
+            config.listen.early_data,
+        )?);
         let tcp_tls = if config.listen.tcp {
             Some(Arc::new(tls::tcp_server_config(&cert, &key)?))
         } else {
@@ -135,9 +139,10 @@ fn keep_restart_only(new: &mut Config, old: &Config) -> Vec<&'static str> {
     if new.log.level != old.log.level || new.log.format != old.log.format {
         ignored.push("log.level/format");
     }
-    let tls = new.listen.tls.clone();
+    let (tls, early_data) = (new.listen.tls.clone(), new.listen.early_data);
     new.listen = old.listen.clone();
     new.listen.tls = tls;
+    new.listen.early_data = early_data;
     new.steering = old.steering.clone();
     new.state_dir = old.state_dir.clone();
     new.admin = old.admin.clone();

@@ -213,6 +213,29 @@ pub fn quic_server_config(
     quic_server_config_with_client_auth(cert, key, None)
 }
 
+/// Resumption tickets the listener remembers (for 0-RTT, which rustls
+/// accepts only with single-use, server-side session state).
+const SESSION_CACHE: usize = 16 * 1024;
+
+/// The downstream QUIC TLS config; `early_data` accepts 0-RTT from
+/// resuming clients (the proxy then admits only safe methods early).
+pub fn quic_listener_config(
+    cert: &Path,
+    key: &Path,
+    early_data: bool,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    let mut tls = server_config(cert, key, &[&rustls::version::TLS13], None, &[ALPN_H3])?;
+    if early_data {
+        // quinn accepts exactly 0 or u32::MAX here.
+        tls.max_early_data_size = u32::MAX;
+        tls.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    } else {
+        tls.max_early_data_size = 0;
+    }
+    quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))
+}
+
 /// [`quic_server_config`], requiring client certificates from `client_ca`
 /// when given.
 pub fn quic_server_config_with_client_auth(

@@ -85,6 +85,11 @@ pub struct ListenConfig {
     /// A plain-HTTP port that redirects every request to https (308).
     #[serde(default)]
     pub http_redirect_port: Option<u16>,
+    /// Accept 0-RTT (TLS early data) from resuming HTTP/3 clients: only
+    /// GET, HEAD and OPTIONS are served early (others get 425), and
+    /// backends see `early-data: 1` (RFC 8470).
+    #[serde(default)]
+    pub early_data: bool,
 }
 
 fn default_true() -> bool {

@@ -77,6 +77,8 @@ pub struct Listen {
     pub tcp: bool,
     pub alt_svc_max_age_s: u64,
     pub http_redirect_port: Option<u16>,
+    /// Accept 0-RTT requests (safe methods only).
+    pub early_data: bool,
 }
 
 /// A backend address: host (IP or DNS name) and port.
@@ -663,6 +665,7 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             tcp: file.listen.tcp,
             alt_svc_max_age_s: file.listen.alt_svc_max_age_s,
             http_redirect_port: file.listen.http_redirect_port,
+            early_data: file.listen.early_data,
         },
         upstreams,
         routes,

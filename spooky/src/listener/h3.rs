@@ -36,19 +36,51 @@ pub async fn serve_connection(
     let _conn_guard = Counted::new(&activity.connections);
     let peer = incoming.remote_address();
     let started = std::time::Instant::now();
-    let handshake = Counted::new(&activity.handshakes);
-    let quic = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            LIVE.handshakes.with_label_values(&["failed"]).inc();
-            debug!(%peer, error = %e, "handshake failed");
-            return;
-        }
+    let failed = |e: &dyn std::fmt::Display| {
+        LIVE.handshakes.with_label_values(&["failed"]).inc();
+        debug!(%peer, error = %e, "handshake failed");
     };
-    drop(handshake);
-    LIVE.handshakes.with_label_values(&["accepted"]).inc();
-    LIVE.handshake_duration
-        .observe(started.elapsed().as_secs_f64());
+    let handshake = Counted::new(&activity.handshakes);
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => return failed(&e),
+    };
+    // With early data on, the connection is served from the client's
+    // first flight (0-RTT); requests that arrive before the handshake
+    // completes are early data. `handshake_done` says when that ended.
+    let early_data = proxy.load().config.listen.early_data;
+    let zero_rtt = if early_data {
+        connecting.into_0rtt()
+    } else {
+        Err(connecting)
+    };
+    let (quic, handshake_done) = match zero_rtt {
+        Ok((quic, accepted)) => {
+            drop(handshake);
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (flag, activity) = (done.clone(), activity.clone());
+            tokio::spawn(async move {
+                let _in_progress = Counted::new(&activity.handshakes);
+                let zero_rtt = accepted.await;
+                flag.store(true, std::sync::atomic::Ordering::Release);
+                LIVE.handshakes.with_label_values(&["accepted"]).inc();
+                LIVE.handshake_duration
+                    .observe(started.elapsed().as_secs_f64());
+                debug!(%peer, zero_rtt, "handshake complete");
+            });
+            (quic, Some(done))
+        }
+        Err(connecting) => match connecting.await {
+            Ok(quic) => {
+                drop(handshake);
+                LIVE.handshakes.with_label_values(&["accepted"]).inc();
+                LIVE.handshake_duration
+                    .observe(started.elapsed().as_secs_f64());
+                (quic, None)
+            }
+            Err(e) => return failed(&e),
+        },
+    };
     let _open = GaugeGuard::new(&LIVE.quic_connections);
     let max_header = proxy.load().config.limits.max_request_header_bytes;
     let mut h3: ServerConn = match h3::server::builder()
@@ -86,6 +118,10 @@ pub async fn serve_connection(
                     // quinn tracks the client's current address: it changes
                     // when the client migrates.
                     let peer_now = quic.remote_address();
+                    // Accepted before the handshake completed: 0-RTT.
+                    let early_data = handshake_done
+                        .as_ref()
+                        .is_some_and(|d| !d.load(std::sync::atomic::Ordering::Acquire));
                     // The generation current now serves the whole request.
                     let proxy = proxy.load_full();
                     let activity = activity.clone();
@@ -98,6 +134,7 @@ pub async fn serve_connection(
                             peer: peer_now,
                             via_version: "3",
                             scheme: "https",
+                            early_data,
                         };
                         // Boxed: the request future is large, and a small
                         // task cell keeps spawning cheap.

@@ -178,6 +178,7 @@ async fn serve_connection(
                 peer,
                 via_version,
                 scheme: "https",
+                early_data: false,
             };
             // h2 already rejects most malformed HTTP/2 requests; this
             // covers what it lets through (see `validate`). HTTP/1.1 has
