@@ -239,6 +239,55 @@ impl Proxy {
         )
     }
 
+    /// The checks before routing: header count, early data (RFC 8470) and
+    /// the client's rate limit. `Some` is the response that refuses the
+    /// request.
+    fn refusal(
+        &self,
+        parts: &mut http::request::Parts,
+        down: &Downstream,
+        rid: &HeaderValue,
+        now: Instant,
+    ) -> Option<Response<ProxyBody>> {
+        let id_header = &self.config.request_id_header;
+        let max_headers = self.config.limits.max_request_headers;
+        if parts.headers.len() > max_headers {
+            let detail = format!(
+                "{} header fields; at most {max_headers} are allowed",
+                parts.headers.len()
+            );
+            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return Some(error_response(status, &detail, rid, id_header));
+        }
+        if down.early_data {
+            // Early data can be replayed by an attacker, so only methods
+            // that are safe to repeat go through; the client retries the
+            // others after the handshake.
+            if !matches!(
+                parts.method,
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            ) {
+                let detail =
+                    "this method is not accepted in 0-RTT early data; retry after the handshake";
+                return Some(error_response(
+                    StatusCode::TOO_EARLY,
+                    detail,
+                    rid,
+                    id_header,
+                ));
+            }
+            parts.headers.insert(
+                HeaderName::from_static("early-data"),
+                HeaderValue::from_static("1"),
+            );
+        }
+        let client_ip = down.peer.ip().to_canonical();
+        self.limits
+            .check_client(client_ip, now)
+            .err()
+            .map(|limited| too_many_requests(&limited, rid, id_header))
+    }
+
     /// Serves one request end to end. Never fails: every error becomes a
     /// response (the body may still fail later, which resets the stream).
     pub async fn handle(&self, req: Request<ProxyBody>, down: Downstream) -> Response<ProxyBody> {
@@ -247,58 +296,9 @@ impl Proxy {
         let id_header = &cfg.request_id_header;
         let (mut parts, body) = req.into_parts();
         let rid = request_id(&parts.headers, id_header);
-        if parts.headers.len() > cfg.limits.max_request_headers {
-            let detail = format!(
-                "{} header fields; at most {} are allowed",
-                parts.headers.len(),
-                cfg.limits.max_request_headers
-            );
+        if let Some(refused) = self.refusal(&mut parts, &down, &rid, started) {
             return self.finish(
-                error_response(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    &detail,
-                    &rid,
-                    id_header,
-                ),
-                Logged::of(&parts),
-                &down,
-                &rid,
-                Served::local(None, None),
-                started,
-            );
-        }
-        if down.early_data {
-            // RFC 8470: early data can be replayed by an attacker, so only
-            // methods that are safe to repeat go through; the client
-            // retries the others after the handshake.
-            if !matches!(
-                parts.method,
-                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-            ) {
-                let resp = error_response(
-                    StatusCode::TOO_EARLY,
-                    "this method is not accepted in 0-RTT early data; retry after the handshake",
-                    &rid,
-                    id_header,
-                );
-                return self.finish(
-                    resp,
-                    Logged::of(&parts),
-                    &down,
-                    &rid,
-                    Served::local(None, None),
-                    started,
-                );
-            }
-            parts.headers.insert(
-                HeaderName::from_static("early-data"),
-                HeaderValue::from_static("1"),
-            );
-        }
-        let client_ip = down.peer.ip().to_canonical();
-        if let Err(limited) = self.limits.check_client(client_ip, started) {
-            return self.finish(
-                too_many_requests(&limited, &rid, id_header),
+                refused,
                 Logged::of(&parts),
                 &down,
                 &rid,
@@ -406,6 +406,7 @@ impl Proxy {
         // What the access log needs; the request itself moves on.
         let logged = (parts.method.clone(), parts.uri.clone());
         let req = Request::from_parts(parts, body);
+        let client_ip = down.peer.ip().to_canonical();
         let result = self.upstreams.forward(route.upstream, req, client_ip).await;
         let parts = Logged {
             method: &logged.0,

@@ -7,44 +7,15 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use spooky::client::H3Client;
 use support::*;
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(upstream: &str, admin: u16, limits: &str) -> String {
     format!(
         "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlog: {{ access: false }}\n{limits}upstreams:\n{upstream}"
     )
-}
-
-/// `/metrics` as `name{labels}` → value.
-fn scrape(port: u16) -> HashMap<String, f64> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .filter(|l| l.starts_with("spooky_"))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The flood's JSON summary.
@@ -129,7 +100,7 @@ async fn a_half_open_flood_gets_retry_memory_stays_bounded_and_clients_are_serve
     let f = result(child);
     let rss_after = sp.proc.rss_kib();
     let peak = sp.proc.peak_rss_kib();
-    let m = scrape(admin);
+    let m = scrape_with(admin, None);
     let retried = m
         .get("spooky_quic_handshakes_total{outcome=\"retry\"}")
         .copied()
@@ -219,7 +190,7 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
         "limits: { retry_threshold: 1000000, max_handshakes_in_progress: 20 }\n",
     ));
     let f = result(flood(&sp, 400, 1.0));
-    let m = scrape(admin);
+    let m = scrape_with(admin, None);
     let dropped = m
         .get("spooky_quic_handshakes_total{outcome=\"refused_half_open\"}")
         .copied()

@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,53 +22,8 @@ fn config(upstreams: &str, admin: u16, extra: &str) -> String {
     )
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One admin request over HTTP/1.1: (status, body).
-fn admin(port: u16, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n{auth}content-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad admin response: {out}"));
-    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1);
-    // Chunked bodies (JSON) carry size lines; tests only search them.
-    (status, body.to_owned())
-}
-
-/// Parses the Prometheus text format into `name{labels}` → value, with
-/// labels in the order the encoder wrote them (sorted by name).
 fn scrape(port: u16) -> HashMap<String, f64> {
-    let (status, text) = admin(port, "GET", "/metrics", "", Some(TOKEN));
-    assert_eq!(status, 200, "{text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
-    m.get(key).copied().unwrap_or(0.0)
+    scrape_with(port, Some(TOKEN))
 }
 
 fn who(resp: &http::Response<()>) -> String {
@@ -668,20 +622,8 @@ async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
     for _ in 0..3 {
         let client = sp.client().await;
         downloads.push(tokio::spawn(async move {
-            let req = http::Request::get(format!("/bytes/{size}"))
-                .body(spooky::body::empty())
-                .unwrap();
-            let resp = client.send(req).await.unwrap();
-            assert_eq!(resp.status(), 200);
-            let mut body = resp.into_body();
-            let mut got = 0u64;
-            use http_body_util::BodyExt;
-            while let Some(frame) = body.frame().await {
-                let data = frame.unwrap().into_data().unwrap();
-                assert_pattern_at(got, &data);
-                got += data.len() as u64;
-            }
-            (got, Instant::now())
+            download_checked(&client, size).await;
+            (size, Instant::now())
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

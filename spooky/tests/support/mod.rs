@@ -6,7 +6,7 @@
 pub mod netns;
 pub mod privilege;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -446,4 +446,60 @@ pub async fn download_checked(client: &spooky::client::H3Client, n: u64) {
         got += data.len() as u64;
     }
     assert_eq!(got, n);
+}
+
+/// A free TCP port on loopback (for admin listeners).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One admin request over HTTP/1.1: (status, body).
+pub fn admin(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n{auth}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad admin response: {out}"));
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1);
+    // Chunked bodies (JSON) carry size lines; tests only search them.
+    (status, body.to_owned())
+}
+
+/// Parses the Prometheus text format into `name{labels}` → value, with
+/// labels in the order the encoder wrote them (sorted by name).
+pub fn scrape_with(port: u16, token: Option<&str>) -> std::collections::HashMap<String, f64> {
+    let (status, text) = admin(port, "GET", "/metrics", "", token);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn metric(m: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
 }
