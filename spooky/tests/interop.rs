@@ -44,6 +44,14 @@ const LOSS_PERCENT: u32 = 10;
 /// Longest wait for one body frame (loss recovery included).
 const STALL: Duration = Duration::from_secs(20);
 
+/// The tests that move megabytes run one at a time: on a 2-CPU machine
+/// they would otherwise compete for the CPUs with each other.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// nftables rules for one namespace: count every datagram that matches
 /// `selector` on the input hook, then drop `LOSS_PERCENT` % of them at
 /// random (and count those). Input hooks only: a drop on an output hook
@@ -108,6 +116,7 @@ fn downloads_and_upload_through_ten_percent_loss_are_byte_identical() {
     if !require_root("interop (10 % loss)") {
         return;
     }
+    let _heavy = heavy();
     // Declared first, dropped last: the processes die before their
     // namespaces go (and the nftables tables go with the namespaces).
     let net = VethPair::new("loss");
@@ -345,11 +354,18 @@ fn access_lines(sp: &Spooky, path: &str) -> Vec<String> {
 async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     let raw = raw_backend();
     let up = upstream_block("raw", "http1", None, &[("raw-h1", raw.addr)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{up}"
-    ));
+    let sp = spooky_with(
+        &format!(
+            "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
+             steering: {{ mode: reuseport }}\n\
+             upstreams:\n{up}"
+        ),
+        // The upstream's debug line carries the reason of each failed try.
+        &[(
+            "RUST_LOG",
+            "info,spooky::access=debug,spooky::upstream=debug",
+        )],
+    );
     let client = sp.client().await;
 
     // Positive control: the same backend, a valid response.
@@ -357,7 +373,14 @@ async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     assert_eq!(resp.status(), 200);
     assert_eq!(body, "ok\n");
 
-    for path in ["/both", "/bad-status", "/huge-headers"] {
+    for (path, reason) in [
+        (
+            "/both",
+            "sent an invalid response: both content-length and transfer-encoding",
+        ),
+        ("/bad-status", "invalid HTTP status-code parsed"),
+        ("/huge-headers", "message head is too large"),
+    ] {
         let (resp, body) = client.get(path).await.unwrap();
         assert_eq!(
             resp.status(),
@@ -383,6 +406,19 @@ async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // And why, with the backend's label (upstream/id).
+        let why = sp
+            .proc
+            .out
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("try failed") && l.contains("backend=raw/raw-h1"))
+            .any(|l| l.contains(reason));
+        assert!(
+            why,
+            "{path}: no `try failed` line with `{reason}`:\n{}",
+            sp.proc.out.lines().join("\n")
+        );
     }
 
     // A body cut short: the headers (200, content-length 1000) are already
@@ -420,6 +456,14 @@ async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     assert!(got.len() < 1000);
     assert!(got.is_empty() || got.starts_with(b"0123456789"), "{got:?}");
 
+    // The access log does not call the cut body complete.
+    let lines = access_lines(&sp, "/truncated");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("backend=raw-h1") && l.contains("complete=false")),
+        "{lines:#?}"
+    );
     // The connection survives all of it.
     let (resp, body) = client.get("/ok").await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -539,6 +583,7 @@ fn ngtcp2_client_download_across_a_local_address_change() {
         return;
     }
     const SIZE: u64 = 16 << 20;
+    let _heavy = heavy();
     let (sp, _b, _certs) = spooky_for_gtls();
     // The client moves to a new local port 50 ms after the handshake,
     // while the 16 MiB response is streaming, and validates the new path.
@@ -604,6 +649,7 @@ fn ngtcp2_client_download_across_a_key_update() {
         return;
     }
     const SIZE: u64 = 16 << 20;
+    let _heavy = heavy();
     let (sp, _b, _certs) = spooky_for_gtls();
     // The client initiates a key update 50 ms after the handshake, while
     // the response is streaming.
