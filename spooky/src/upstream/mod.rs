@@ -35,6 +35,11 @@ pub enum UpstreamError {
     /// The stream or connection failed before response headers.
     #[error("{backend} reset the request before responding: {reason}")]
     Reset { backend: String, reason: String },
+    /// The backend's response is not valid HTTP in a way the HTTP library
+    /// accepts but a proxy must not forward (e.g. an HTTP/1.1 response
+    /// framed by both `content-length` and `transfer-encoding`).
+    #[error("{backend} sent an invalid response: {reason}")]
+    InvalidResponse { backend: String, reason: String },
     /// No response headers within the request timeout.
     #[error("{backend} sent no response headers within {after:?}")]
     Timeout { backend: String, after: Duration },
@@ -59,6 +64,7 @@ impl UpstreamError {
             | UpstreamError::Backoff { .. }
             | UpstreamError::Refused { .. }
             | UpstreamError::Reset { .. }
+            | UpstreamError::InvalidResponse { .. }
             | UpstreamError::ClientAborted(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -1046,6 +1052,7 @@ fn short_detail(e: &UpstreamError) -> String {
         UpstreamError::Backoff { .. } => "backend unreachable (reconnecting)".into(),
         UpstreamError::Refused { .. } => "backend refused the request".into(),
         UpstreamError::Reset { .. } => "backend reset the request".into(),
+        UpstreamError::InvalidResponse { .. } => "backend sent an invalid response".into(),
         UpstreamError::Timeout { after, .. } => {
             format!("backend sent no response within {} ms", after.as_millis())
         }

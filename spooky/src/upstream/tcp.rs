@@ -328,6 +328,23 @@ impl TcpPool {
             Ok(Ok(resp)) => resp,
         };
         let (parts, incoming) = resp.into_parts();
+        // hyper accepts an HTTP/1.1 response framed by both `content-length`
+        // and `transfer-encoding` (it decodes the chunks and keeps the
+        // `content-length` header). RFC 9112 §6.3 calls such a message a
+        // likely smuggling or response-splitting attempt that "ought to be
+        // handled as an error"; forwarding it would hand the client a
+        // `content-length` that need not match the body. Reject it: the
+        // client gets a 502, and dropping `incoming` unread closes the
+        // connection instead of returning it to the pool.
+        if self.version == Version::HTTP_11
+            && parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && parts.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            return Err(UpstreamError::InvalidResponse {
+                backend: self.label.clone(),
+                reason: "both content-length and transfer-encoding".into(),
+            });
+        }
         Ok(Response::from_parts(parts, body::boxed(incoming)))
     }
 
