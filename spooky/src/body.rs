@@ -157,6 +157,10 @@ pub struct H3Body<R: H3Recv> {
     /// DATA proves the stream is back. Dropping the read future drops the
     /// quinn stream, which stops the peer by itself (with code 0).
     read_may_be_lent: bool,
+    /// The STOP_SENDING code when the body is dropped unread: a response
+    /// body we no longer want is cancelled; the rest of a request we have
+    /// answered is merely not needed (RFC 9114 §4.1: H3_NO_ERROR).
+    unread_code: h3::error::Code,
 }
 
 impl<R: H3Recv> H3Body<R> {
@@ -174,6 +178,7 @@ impl<R: H3Recv> H3Body<R> {
             malformed: None,
             guard,
             read_may_be_lent: false,
+            unread_code: h3::error::Code::H3_REQUEST_CANCELLED,
         }
     }
 
@@ -187,6 +192,7 @@ impl<R: H3Recv> H3Body<R> {
         let mut body = Self::new(recv, content_length, None);
         body.declared = content_length;
         body.malformed = Some(malformed);
+        body.unread_code = h3::error::Code::H3_NO_ERROR;
         body
     }
 
@@ -213,7 +219,7 @@ impl<R: H3Recv> Drop for H3Body<R> {
         // Nobody will read the rest: tell the peer to stop sending instead of
         // letting flow control stall it.
         if matches!(self.phase, RecvPhase::Data | RecvPhase::Trailers) && !self.read_may_be_lent {
-            self.recv.stop(h3::error::Code::H3_REQUEST_CANCELLED);
+            self.recv.stop(self.unread_code);
         }
     }
 }
@@ -750,6 +756,7 @@ mod tests {
     }
 
     const H3_REQUEST_CANCELLED: u64 = 0x010c;
+    const H3_NO_ERROR: u64 = 0x0100;
 
     fn mismatch(err: &BoxError) -> Option<(u64, u64)> {
         match err.downcast_ref::<BodyError>() {
@@ -821,9 +828,14 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_a_body_stops_the_peer_only_when_safe() {
-        // Unread: STOP_SENDING tells the peer nobody will read the rest.
+        // Unread: STOP_SENDING tells the peer nobody will read the rest;
+        // H3_NO_ERROR for a request body (RFC 9114 §4.1), cancelled for a
+        // response body.
         let (recv, stopped) = scripted(&[3], None);
         drop(H3Body::enforcing(recv, Some(3), MalformedBody::default()));
+        assert_eq!(*stopped.lock().unwrap(), Some(H3_NO_ERROR));
+        let (recv, stopped) = scripted(&[3], None);
+        drop(H3Body::new(recv, Some(3), None));
         assert_eq!(*stopped.lock().unwrap(), Some(H3_REQUEST_CANCELLED));
         // A consumer that stops after the declared bytes (as hyper does)
         // while h3 may still have a read outstanding: no STOP_SENDING.
