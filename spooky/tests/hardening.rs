@@ -296,10 +296,24 @@ fn a_valid_request_reaches_the_backend() {
     // before the client's FIN arrives.
     let got = send_raw_with(&sp, &post, &["hello", "world"], Send::Paced);
     assert_eq!(got.status, Some(200), "{got:?}");
+    // No content-length: the HTTP/1.1 backend gets the body chunked.
+    let no_length = pseudo("POST", &authority, "/unsized");
+    let got = send_raw(&sp, &no_length, &["hello", "world"]);
+    assert_eq!(got.status, Some(200), "{got:?}");
 
     assert_no_panic(&sp);
     let complete = recorder.complete();
-    assert_eq!(complete.len(), 3, "{complete:?}");
+    assert_eq!(complete.len(), 4, "{complete:?}");
+    let chunked = complete[3].to_ascii_lowercase();
+    assert!(
+        chunked.contains("transfer-encoding: chunked\r\n"),
+        "{chunked}"
+    );
+    assert!(!chunked.contains("content-length"), "{chunked}");
+    assert!(chunked.ends_with("\r\n0\r\n\r\n"), "{chunked}");
+    // A GET without a body carries no body framing at all.
+    let get_head = complete[0].to_ascii_lowercase();
+    assert!(!get_head.contains("transfer-encoding"), "{get_head}");
     assert!(complete[2].ends_with("\r\n\r\nhelloworld"), "{complete:?}");
     assert!(
         complete[0].starts_with("GET /control?x=1 HTTP/1.1\r\n"),
