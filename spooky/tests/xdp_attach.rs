@@ -380,7 +380,16 @@ fn datagrams_reach_the_worker_their_cid_names() {
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
         for (worker, sock) in sockets.iter().enumerate() {
             let mut got = 0;
-            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            // Redirected packets wait for the target CPU's cpumap thread:
+            // on a busy machine that can take longer than one read timeout,
+            // so keep reading until all arrived or 5 s passed.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let (n, _) = match sock.recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(_) if got < PER_WORKER && std::time::Instant::now() < deadline => continue,
+                    Err(_) => break,
+                };
                 // SAFETY: recv_from initialised the first n bytes.
                 let cid: Vec<u8> = buf[1..13.min(n)]
                     .iter()
