@@ -290,3 +290,47 @@ fn the_shipped_configs_are_valid() {
     }
     assert!(n >= 1, "no configs in {}", root.display());
 }
+
+const MINIMAL: &str = "listen: { address: 127.0.0.1, port: 9443 }\nbackends: [{ id: a, address: \"127.0.0.1:9001\" }]\n";
+
+#[test]
+fn admin_off_loopback_needs_a_token() {
+    let open = format!("{MINIMAL}admin: {{ address: \"0.0.0.0:9901\" }}\n");
+    has(&errors(&open), "admin.token", "is not loopback");
+    let short = format!("{MINIMAL}admin: {{ address: \"0.0.0.0:9901\", token: abc }}\n");
+    has(&errors(&short), "admin.token", "at least 16");
+    let both = format!(
+        "{MINIMAL}admin: {{ address: \"0.0.0.0:9901\", token: 0123456789abcdef, token_file: t }}\n"
+    );
+    has(&errors(&both), "admin.token_file", "not both");
+    let good = ok(&format!(
+        "{MINIMAL}admin: {{ address: \"0.0.0.0:9901\", token: 0123456789abcdef }}\n"
+    ));
+    assert_eq!(
+        good.admin.unwrap().token.as_deref(),
+        Some("0123456789abcdef")
+    );
+    let local = ok(&format!(
+        "{MINIMAL}admin: {{ address: \"127.0.0.1:9901\" }}\n"
+    ));
+    assert_eq!(local.admin.unwrap().token, None);
+}
+
+#[test]
+fn limits_and_rates_are_validated() {
+    let bad = format!(
+        "{MINIMAL}limits: {{ requests_per_ip: {{ per_second: 0 }}, handshakes: {{ per_second: 5, burst: 0 }}, max_connections_per_ip: 0, max_request_headers: 2 }}\n"
+    );
+    let errs = errors(&bad);
+    has(&errs, "limits.requests_per_ip.per_second", "positive");
+    has(&errs, "limits.handshakes.burst", "at least 1");
+    has(&errs, "limits.max_connections_per_ip", "at least 1");
+    has(&errs, "limits.max_request_headers", "at least 8");
+    let route =
+        format!("{MINIMAL}routes: [{{ upstream: default, rate_limit: {{ per_second: 2.5 }} }}]\n");
+    let c = ok(&route);
+    let rate = c.routes[0].rate_limit.unwrap();
+    assert_eq!((rate.per_second, rate.burst), (2.5, 3.0));
+    assert!(!c.listen.early_data);
+    assert_eq!(c.limits.retry_threshold, 64);
+}
