@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{build_spooky, cargo, must, root};
+use crate::{cargo, must, root};
 
 /// Runs the selected benchmarks and prints how long they took.
 pub fn run(
@@ -63,15 +63,17 @@ fn xdp() -> Result<()> {
     )
 }
 
-/// spooky vs Caddy: the bench starts `target/release/spooky`, so build it
-/// first (the bench target itself only builds the library). Reports go to
+/// spooky vs Caddy: the bench starts `target/release/spooky`, which `cargo
+/// bench` builds along with the bench (cargo builds a package's binaries
+/// for its benches; a separate `cargo build --release` would build it with
+/// other dependency features, and the two builds would keep replacing each
+/// other's binary). Reports go to
 /// `bench/results/` (`latest.md`, `latest.json`, `latest.png` and a
 /// timestamped copy of the first two).
 fn proxy(o: &ProxyOpts, sections: &str) -> Result<()> {
-    let bin = build_spooky(true)?;
     let mut c = cargo();
     c.current_dir(root()?)
-        .env("SPOOKY_BIN", &bin)
+        .env_remove("SPOOKY_BIN")
         .args(["bench", "-p", "spooky", "--bench", "proxy", "--"])
         .args(["--only", sections]);
     // --quick first: explicit --seconds/--rounds after it win.
