@@ -21,14 +21,30 @@
 //!   HTTP/1.1 behind both proxies), and RSS per idle HTTP/3 connection
 //!   (`idle_conns` connections, each after one request; VmRSS delta).
 //!
-//! Every comparison runs `rounds` rounds, the order of the targets rotating
-//! each round; the table reports medians and the ratio spooky/caddy.
+//! More scenarios in the same sections: `h3` also runs `many_conns`
+//! connections with one stream each, new connections per second
+//! (`handshake_loops` loops of connect, one GET, close) and, when `oha` is
+//! installed (built with `--features http3`), oha's HTTP/3 load; `memory`
+//! also runs 1 MiB downloads under load and RSS per idle connection at each
+//! of `idle_conns` (1000 and 10000 by default; the connections are held by
+//! a child process, this binary with `--idle-client`). Every load scenario
+//! reports requests/s (successes over the configured duration), p50, p99
+//! and p99.9 latency, proxy CPU seconds per 1k requests and peak RSS.
 //!
-//! Run with `cargo xtask bench` (it builds `target/release/spooky` first) or
-//! `cargo bench -p spooky --bench proxy -- [--only h3,h2,memory|proxy]
+//! Every comparison runs `rounds` rounds, the order of the targets rotating
+//! each round; the table reports medians and the ratio spooky/caddy, then
+//! each target as PASS/FAIL against Caddy, and the run writes
+//! `bench/results/<UTC timestamp>.{md,json}`, `latest.{md,json}` and
+//! `latest.png` (module `report`).
+//!
+//! Run with `cargo xtask bench [--quick]` or
+//! `cargo bench -p spooky --bench proxy -- [--quick] [--only h3,h2,memory|proxy]
 //! [--seconds 5] [--rounds 3] [--conns 4] [--streams 16] [--client-threads 2]
-//! [--h2-conns 8] [--h2-streams 16] [--body-mib 1024] [--idle-conns 500]
-//! [--default-pools]`. By default both proxies may keep 256 idle
+//! [--many-conns 256] [--handshake-loops 8] [--h2-conns 8] [--h2-streams 16]
+//! [--body-mib 100] [--idle-conns 1000,10000] [--out DIR] [--default-pools]`.
+//! `--quick` (explicit options override it) is 1 round of 2 s
+//! without the large transfers and without 10k idle connections. By
+//! default both proxies may keep 256 idle
 //! connections to the backend (spooky `pool.max_connections_per_backend`,
 //! Caddy `keepalive_idle_conns_per_host`), so neither churns backend
 //! connections; `--default-pools` measures their stock settings instead.
@@ -106,7 +122,8 @@ impl Opts {
             handshake_loops: 8,
             out_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"),
         };
-        // `--quick` first, so explicit options after it still win.
+        // `--quick` applies before the other options: explicit ones win
+        // wherever they stand.
         if args.iter().any(|a| a == "--quick") {
             o.quick = true;
             o.seconds = 2;

@@ -76,7 +76,7 @@ fn proxy(o: &ProxyOpts, sections: &str) -> Result<()> {
         .env_remove("SPOOKY_BIN")
         .args(["bench", "-p", "spooky", "--bench", "proxy", "--"])
         .args(["--only", sections]);
-    // --quick first: explicit --seconds/--rounds after it win.
+    // Explicit --seconds/--rounds override --quick's.
     if o.quick {
         c.arg("--quick");
     }

@@ -279,7 +279,7 @@ impl Table {
                 fmt_num(c.spooky),
                 opt(c.caddy),
                 c.ratio
-                    .map_or_else(String::new, |r| format!(" ratio {r:.2}")),
+                    .map_or_else(String::new, |r| format!(" ratio {r:.3}")),
             );
         }
         let passed = checks.iter().filter(|c| c.pass).count();
@@ -470,6 +470,7 @@ pub fn write_reports(
     elapsed_s: f64,
 ) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let mut doc = table.to_json();
     if let Value::Object(m) = &mut doc {
         m.insert("timestamp".to_owned(), json!(stamp));
@@ -488,13 +489,14 @@ pub fn write_reports(
     };
     let _ = writeln!(
         md,
-        "Machine: {} ({} cores, {} GiB), kernel {}, {}; {}; load average at start {}.\n",
+        "Machine: {} ({} cores, {} GiB), kernel {}, {}; Caddy {}; {}; load average at start {} (a busy machine makes absolute figures noisy).\n",
         field("cpu"),
         field("cores"),
         field("memory_gib"),
         field("kernel"),
         field("rustc"),
         field("caddy"),
+        field("oha"),
         field("loadavg_at_start"),
     );
     let _ = writeln!(
@@ -515,7 +517,7 @@ pub fn write_reports(
             fmt_num(c.spooky),
             opt(c.caddy),
             c.ratio
-                .map_or_else(String::new, |r| format!(", ratio {r:.2}")),
+                .map_or_else(String::new, |r| format!(", ratio {r:.3}")),
         );
     }
     if !table.notes.is_empty() {
