@@ -366,8 +366,8 @@ impl Table {
     }
 
     /// The rows for the chart, those with a target against Caddy: (label,
-    /// ratio, good), good meaning spooky is better than Caddy.
-    fn ratios(&self) -> Vec<(String, f64, bool)> {
+    /// ratio, target met, the target's ratio).
+    fn ratios(&self) -> Vec<(String, f64, bool, f64)> {
         self.rows
             .iter()
             .filter(|r| matches!(r.metric.goal, Goal::RatioAtMost(_) | Goal::RatioAtLeast(_)))
@@ -377,10 +377,14 @@ impl Table {
                     (
                         format!("{}: {}", r.scenario, r.metric.name),
                         v,
-                        if r.metric.lower_better {
-                            v <= 1.0
-                        } else {
-                            v >= 1.0
+                        match r.metric.goal {
+                            Goal::RatioAtMost(x) => v <= x,
+                            Goal::RatioAtLeast(x) => v >= x,
+                            _ => true,
+                        },
+                        match r.metric.goal {
+                            Goal::RatioAtMost(x) | Goal::RatioAtLeast(x) => x,
+                            _ => 1.0,
                         },
                     )
                 })
@@ -574,8 +578,9 @@ fn register_font() -> bool {
     false
 }
 
-/// A horizontal bar per metric: spooky / Caddy on a log2 axis, the 1.0 line
-/// marking parity, green where spooky is better, red where it is worse.
+/// A horizontal bar per metric with a target against Caddy: spooky / Caddy
+/// on a log2 axis, the 1.0 line marking parity, a black mark at the
+/// target's ratio, green where the target is met, red where it is missed.
 fn chart(path: &Path, table: &Table, stamp: &str) -> Result<()> {
     use plotters::prelude::*;
 
@@ -598,8 +603,9 @@ fn chart(path: &Path, table: &Table, stamp: &str) -> Result<()> {
     };
     let mid = x_of(1.0);
     if text {
-        let title =
-            format!("spooky / Caddy (log scale, 1.0 = parity; green: spooky better) {stamp}");
+        let title = format!(
+            "spooky / Caddy (log scale, 1.0 = parity; black marks: targets; green: target met, red: missed) {stamp}"
+        );
         root.draw(&Text::new(title, (10, 10), ("sans-serif", 16).into_font()))
             .map_err(err)?;
         for (r, label) in [
@@ -627,7 +633,7 @@ fn chart(path: &Path, table: &Table, stamp: &str) -> Result<()> {
         ))
         .map_err(err)?;
     }
-    for (i, (label, ratio, good)) in rows.iter().enumerate() {
+    for (i, (label, ratio, good, _)) in rows.iter().enumerate() {
         let y = top + i as i32 * row_h;
         let x = x_of(*ratio);
         let color = if *good {
@@ -660,6 +666,15 @@ fn chart(path: &Path, table: &Table, stamp: &str) -> Result<()> {
             ))
             .map_err(err)?;
         }
+    }
+    // Each target's ratio: a short black mark across its row.
+    for (i, (_, _, _, limit)) in rows.iter().enumerate() {
+        let (y, t) = (top + i as i32 * row_h, x_of(*limit));
+        root.draw(&PathElement::new(
+            vec![(t, y + 1), (t, y + row_h - 1)],
+            BLACK.stroke_width(3),
+        ))
+        .map_err(err)?;
     }
     root.draw(&PathElement::new(
         vec![(mid, top - 4), (mid, h - 36)],
