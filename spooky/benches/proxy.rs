@@ -21,22 +21,39 @@
 //!   HTTP/1.1 behind both proxies), and RSS per idle HTTP/3 connection
 //!   (`idle_conns` connections, each after one request; VmRSS delta).
 //!
-//! Every comparison runs `rounds` rounds, the order of the targets rotating
-//! each round; the table reports medians and the ratio spooky/caddy.
+//! More scenarios in the same sections: `h3` also runs `many_conns`
+//! connections with one stream each, new connections per second
+//! (`handshake_loops` loops of connect, one GET, close) and, when `oha` is
+//! installed (built with `--features http3`), oha's HTTP/3 load; `memory`
+//! also runs 1 MiB downloads under load and RSS per idle connection at each
+//! of `idle_conns` (1000 and 10000 by default; the connections are held by
+//! a child process, this binary with `--idle-client`). Every load scenario
+//! reports requests/s (successes over the configured duration), p50, p99
+//! and p99.9 latency, proxy CPU seconds per 1k requests and peak RSS.
 //!
-//! Run with `cargo xtask bench` (it builds `target/release/spooky` first) or
-//! `cargo bench -p spooky --bench proxy -- [--only h3,h2,memory|proxy]
+//! Every comparison runs `rounds` rounds, the order of the targets rotating
+//! each round; the table reports medians and the ratio spooky/caddy, then
+//! each target as PASS/FAIL against Caddy, and the run writes
+//! `bench/results/<UTC timestamp>.{md,json}`, `latest.{md,json}` and
+//! `latest.png` (module `report`).
+//!
+//! Run with `cargo xtask bench [--quick]` or
+//! `cargo bench -p spooky --bench proxy -- [--quick] [--only h3,h2,memory|proxy]
 //! [--seconds 5] [--rounds 3] [--conns 4] [--streams 16] [--client-threads 2]
-//! [--h2-conns 8] [--h2-streams 16] [--body-mib 1024] [--idle-conns 500]
-//! [--default-pools]`. By default both proxies may keep 256 idle
+//! [--many-conns 256] [--handshake-loops 8] [--h2-conns 8] [--h2-streams 16]
+//! [--body-mib 100] [--idle-conns 1000,10000] [--out DIR] [--default-pools]`.
+//! `--quick` (explicit options override it) is 1 round of 2 s
+//! without the large transfers and without 10k idle connections. By
+//! default both proxies may keep 256 idle
 //! connections to the backend (spooky `pool.max_connections_per_backend`,
 //! Caddy `keepalive_idle_conns_per_host`), so neither churns backend
 //! connections; `--default-pools` measures their stock settings instead.
 //! Without `--bench` (that is, under `cargo test --all-targets`) it only
 //! prints how to run it.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+#[path = "proxy/report.rs"]
+mod report;
+
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -54,6 +71,8 @@ use http_body_util::BodyExt;
 use spooky::body::{BoxError, ProxyBody};
 use spooky::client::{ClientOptions, H3Client};
 
+use report::Table;
+
 // ---------------------------------------------------------------------------
 // Options
 
@@ -68,10 +87,20 @@ struct Opts {
     h2_conns: usize,
     h2_streams: usize,
     body_mib: u64,
-    idle_conns: usize,
+    /// Idle-connection counts to measure RSS per idle connection at.
+    idle_conns: Vec<usize>,
     /// Leave both proxies' upstream keep-alive pools at their defaults
     /// (both then close and reopen backend connections under load).
     default_pools: bool,
+    /// The short set: fewer rounds, shorter runs, no large bodies, no 10k
+    /// idle connections.
+    quick: bool,
+    /// Connections of the many-connections scenario (one stream each).
+    many_conns: usize,
+    /// Concurrent connect-request-close loops of the handshake scenario.
+    handshake_loops: usize,
+    /// Where the `.md`, `.json` and `.png` reports go.
+    out_dir: PathBuf,
 }
 
 impl Opts {
@@ -85,10 +114,22 @@ impl Opts {
             client_threads: 2,
             h2_conns: 8,
             h2_streams: 16,
-            body_mib: 1024,
-            idle_conns: 500,
+            body_mib: 100,
+            idle_conns: vec![1000, 10_000],
             default_pools: false,
+            quick: false,
+            many_conns: 256,
+            handshake_loops: 8,
+            out_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"),
         };
+        // `--quick` applies before the other options: explicit ones win
+        // wherever they stand.
+        if args.iter().any(|a| a == "--quick") {
+            o.quick = true;
+            o.seconds = 2;
+            o.rounds = 1;
+            o.idle_conns = vec![1000];
+        }
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let (key, inline) = match a.split_once('=') {
@@ -108,6 +149,10 @@ impl Opts {
             match key {
                 "--bench" => {}
                 "--default-pools" => o.default_pools = true,
+                "--quick" => {}
+                "--out" => o.out_dir = PathBuf::from(value()?),
+                "--many-conns" => o.many_conns = num(value()?)?.max(1) as usize,
+                "--handshake-loops" => o.handshake_loops = num(value()?)?.max(1) as usize,
                 "--seconds" => o.seconds = num(value()?)?.max(1),
                 "--rounds" => o.rounds = num(value()?)?.max(1) as usize,
                 "--conns" => o.conns = num(value()?)?.max(1) as usize,
@@ -116,7 +161,12 @@ impl Opts {
                 "--h2-conns" => o.h2_conns = num(value()?)?.max(1) as usize,
                 "--h2-streams" => o.h2_streams = num(value()?)?.max(1) as usize,
                 "--body-mib" => o.body_mib = num(value()?)?.max(1),
-                "--idle-conns" => o.idle_conns = num(value()?)?.max(1) as usize,
+                "--idle-conns" => {
+                    o.idle_conns = value()?
+                        .split(',')
+                        .map(|v| num(v.trim().to_owned()).map(|n| n.max(1) as usize))
+                        .collect::<Result<_>>()?
+                }
                 "--only" => {
                     let mut s = Vec::new();
                     for part in value()?.split(',') {
@@ -544,6 +594,7 @@ struct Run {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    p999_us: f64,
     mean_us: f64,
     /// Proxy CPU per request, microseconds.
     cpu_us_per_req: f64,
@@ -583,20 +634,31 @@ fn h3_load(
             // Connect and warm up (a round of requests on every
             // connection, so pools behind the proxy are warm) before the
             // measured window.
+            // Connections open 32 at a time (the many-connections
+            // scenario would otherwise spend seconds on set-up).
             let clients = rt.block_on(async {
                 let mut clients = Vec::new();
-                for _ in 0..my_conns {
-                    let c = Arc::new(H3Client::connect(&url, &opts).await?);
-                    let mut warm = Vec::new();
-                    for _ in 0..streams {
-                        let c = c.clone();
-                        let p = path.clone();
-                        warm.push(tokio::spawn(async move { c.get(&p).await.map(|_| ()) }));
+                while clients.len() < my_conns {
+                    let mut pending = Vec::new();
+                    for _ in 0..32.min(my_conns - clients.len()) {
+                        let (url, opts, path) = (url.clone(), opts.clone(), path.clone());
+                        pending.push(tokio::spawn(async move {
+                            let c = Arc::new(H3Client::connect(&url, &opts).await?);
+                            let mut warm = Vec::new();
+                            for _ in 0..streams {
+                                let c = c.clone();
+                                let p = path.clone();
+                                warm.push(tokio::spawn(async move { c.get(&p).await.map(|_| ()) }));
+                            }
+                            for w in warm {
+                                w.await??;
+                            }
+                            Ok::<_, anyhow::Error>(c)
+                        }));
                     }
-                    for w in warm {
-                        w.await??;
+                    for p in pending {
+                        clients.push(p.await??);
                     }
-                    clients.push(c);
                 }
                 Ok::<_, anyhow::Error>(clients)
             });
@@ -647,28 +709,21 @@ fn h3_load(
                 });
             done.wait();
             measured.wait();
-            rt.block_on(async {
-                for c in clients {
-                    if let Ok(c) = Arc::try_unwrap(c) {
-                        c.close().await;
-                    }
-                }
-            });
+            // Close all at once: each close waits for its endpoint to
+            // drain, which one by one takes seconds for 256 connections.
+            rt.block_on(futures_util::future::join_all(
+                clients
+                    .into_iter()
+                    .filter_map(|c| Arc::try_unwrap(c).ok())
+                    .map(H3Client::close),
+            ));
             Ok(result)
         }));
     }
     start.wait();
-    let (cpu0, bcpu0, t0) = (
-        cpu_seconds(proxy_pid),
-        backend_pid.map_or(0.0, cpu_seconds),
-        Instant::now(),
-    );
+    let (cpu0, bcpu0) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
     done.wait();
-    let (cpu1, bcpu1, elapsed) = (
-        cpu_seconds(proxy_pid),
-        backend_pid.map_or(0.0, cpu_seconds),
-        t0.elapsed(),
-    );
+    let (cpu1, bcpu1) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
     measured.wait();
     let mut lat = Vec::new();
     let mut errors = 0;
@@ -679,21 +734,211 @@ fn h3_load(
         lat.extend(l);
         errors += e;
     }
-    if lat.is_empty() {
-        bail!("no request succeeded ({errors} errors)");
+    Run::from_latencies(lat, errors, duration, cpu1 - cpu0, bcpu1 - bcpu0)
+}
+
+impl Run {
+    /// Requests/s from the success count and the configured `duration`
+    /// (not the measured wall time, which includes the requests still in
+    /// flight at the deadline).
+    fn from_latencies(
+        mut lat: Vec<u32>,
+        errors: u64,
+        duration: Duration,
+        proxy_cpu_s: f64,
+        backend_cpu_s: f64,
+    ) -> Result<Run> {
+        if lat.is_empty() {
+            bail!("no request succeeded ({errors} errors)");
+        }
+        lat.sort_unstable();
+        let n = lat.len() as u64;
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64;
+        Ok(Run {
+            requests: n,
+            errors,
+            rps: n as f64 / duration.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            p999_us: pct(0.999),
+            mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / n as f64,
+            cpu_us_per_req: proxy_cpu_s * 1e6 / n as f64,
+            backend_cpu_us_per_req: backend_cpu_s * 1e6 / n as f64,
+        })
     }
-    lat.sort_unstable();
-    let n = lat.len() as u64;
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64;
+}
+
+/// New-connection handshakes: `loops` concurrent loops spread over
+/// `threads` client threads, each connecting, sending one GET `/`, closing
+/// (without waiting for the close to drain) and starting over, for
+/// `duration`. Latency is connect + request; "requests" are connections.
+fn h3_handshakes(
+    port: u16,
+    opts: &ClientOptions,
+    loops: usize,
+    threads: usize,
+    duration: Duration,
+    proxy_pid: u32,
+    backend_pid: Option<u32>,
+) -> Result<Run> {
+    let threads = threads.min(loops).max(1);
+    let start = Arc::new(Barrier::new(threads + 1));
+    let done = Arc::new(Barrier::new(threads + 1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let mine = loops / threads + usize::from(t < loops % threads);
+        let (start, done) = (start.clone(), done.clone());
+        let opts = opts.clone();
+        let url = url(port, "/");
+        handles.push(std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
+            let rt = current_thread();
+            start.wait();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    done.wait();
+                    return Err(e);
+                }
+            };
+            let deadline = tokio::time::Instant::now() + duration;
+            let result = rt.block_on(async {
+                let mut tasks = Vec::new();
+                for _ in 0..mine {
+                    let (url, opts) = (url.clone(), opts.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut lat = Vec::with_capacity(4096);
+                        let mut errors = 0u64;
+                        while tokio::time::Instant::now() < deadline {
+                            let t0 = Instant::now();
+                            match H3Client::connect(&url, &opts).await {
+                                Ok(c) => {
+                                    match c.get("/").await {
+                                        Ok((r, _)) if r.status().is_success() => lat
+                                            .push(t0.elapsed().as_micros().min(u32::MAX as u128)
+                                                as u32),
+                                        _ => errors += 1,
+                                    }
+                                    // Close and drop: quinn's endpoint driver
+                                    // sends the CONNECTION_CLOSE and drains
+                                    // in the background.
+                                    c.connection()
+                                        .close(quinn::VarInt::from_u32(0x100), b"done");
+                                }
+                                Err(_) => errors += 1,
+                            }
+                        }
+                        (lat, errors)
+                    }));
+                }
+                let mut all = Vec::new();
+                let mut errors = 0;
+                for t in tasks {
+                    if let Ok((l, e)) = t.await {
+                        all.extend(l);
+                        errors += e;
+                    }
+                }
+                (all, errors)
+            });
+            done.wait();
+            // Let the last closes go out before the runtime stops.
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+            Ok(result)
+        }));
+    }
+    start.wait();
+    let (cpu0, bcpu0) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
+    done.wait();
+    let (cpu1, bcpu1) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        lat.extend(l);
+        errors += e;
+    }
+    Run::from_latencies(lat, errors, duration, cpu1 - cpu0, bcpu1 - bcpu0)
+}
+
+// ---------------------------------------------------------------------------
+// oha (HTTP/3)
+
+/// `oha` (built with `--features http3`) against `url` over HTTP/3 for
+/// `seconds` with `conns` connections; CPU of `proxy_pid` (and
+/// `backend_pid`) around it. oha's own requests/s for HTTP/3 is known to be
+/// wrong, so requests/s is its 2xx count over the configured duration.
+fn oha_load(
+    url: &str,
+    conns: usize,
+    seconds: u64,
+    proxy_pid: u32,
+    backend_pid: Option<u32>,
+) -> Result<Run> {
+    let cpu0 = cpu_seconds(proxy_pid);
+    let bcpu0 = backend_pid.map_or(0.0, cpu_seconds);
+    let out = Command::new("oha")
+        // -w: requests in flight at the deadline finish (and count)
+        // instead of being reported as errors.
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--http-version",
+            "3",
+            "--insecure",
+            "-w",
+        ])
+        .args(["-c", &conns.to_string(), "-z", &format!("{seconds}s"), url])
+        .output()
+        .context("cannot run oha")?;
+    let cpu1 = cpu_seconds(proxy_pid);
+    let bcpu1 = backend_pid.map_or(0.0, cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "oha failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("cannot parse oha's JSON output:\n{text}"))?;
+    let ok: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(code, _)| code.starts_with('2'))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let errors: u64 = v["errorDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|n| n.as_u64()).sum())
+        .unwrap_or(0);
+    if ok == 0 {
+        bail!("oha: no request succeeded:\n{text}");
+    }
+    // Percentiles are in seconds.
+    let pct = |k: &str| {
+        v["latencyPercentiles"][k]
+            .as_f64()
+            .map_or(f64::NAN, |s| s * 1e6)
+    };
     Ok(Run {
-        requests: n,
+        requests: ok,
         errors,
-        rps: n as f64 / elapsed.as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / n as f64,
-        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / n as f64,
-        backend_cpu_us_per_req: (bcpu1 - bcpu0) * 1e6 / n as f64,
+        rps: ok as f64 / seconds as f64,
+        p50_us: pct("p50"),
+        p99_us: pct("p99"),
+        p999_us: pct("p99.9"),
+        mean_us: v["summary"]["average"]
+            .as_f64()
+            .map_or(f64::NAN, |s| s * 1e6),
+        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / ok as f64,
+        backend_cpu_us_per_req: (bcpu1 - bcpu0) * 1e6 / ok as f64,
     })
 }
 
@@ -704,6 +949,9 @@ fn h3_load(
 struct H2Run {
     rps: f64,
     mean_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
     cpu_us_per_req: f64,
     failed: u64,
 }
@@ -722,11 +970,14 @@ fn parse_duration_us(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mul)
 }
 
-/// `h2load` for `seconds` against `url`; CPU of `pid` around it.
-fn h2load(extra: &[&str], url: &str, seconds: u64, pid: u32) -> Result<H2Run> {
+/// `h2load` for `seconds` against `url`; CPU of `pid` around it. Latency
+/// percentiles come from h2load's per-request log (`--log-file`), requests/s
+/// from the success count over the configured duration.
+fn h2load(extra: &[&str], url: &str, seconds: u64, pid: u32, log: &Path) -> Result<H2Run> {
     let cpu0 = cpu_seconds(pid);
     let out = Command::new("h2load")
         .args(extra)
+        .arg(format!("--log-file={}", log.display()))
         .args(["-D", &seconds.to_string(), url])
         .output()
         .context("cannot run h2load")?;
@@ -768,15 +1019,38 @@ fn h2load(extra: &[&str], url: &str, seconds: u64, pid: u32) -> Result<H2Run> {
                 .unwrap_or(0.0);
         }
     }
-    let (Some(fin), Some(ok)) = (finished_us, succeeded) else {
+    let (Some(_), Some(ok)) = (finished_us, succeeded) else {
         bail!("cannot parse h2load output:\n{text}");
     };
     if ok == 0 {
         bail!("h2load: no request succeeded:\n{text}");
     }
+    // start (us since epoch) \t status \t us until the end of the response
+    let log_text = std::fs::read_to_string(log)
+        .with_context(|| format!("cannot read h2load's log {}", log.display()))?;
+    let mut lat: Vec<u32> = log_text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (_, status, us) = (f.next()?, f.next()?, f.next()?);
+            status
+                .starts_with('2')
+                .then(|| us.trim().parse::<u32>().ok())
+                .flatten()
+        })
+        .collect();
+    let _ = std::fs::remove_file(log);
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(f64::NAN, |&v| f64::from(v))
+    };
     Ok(H2Run {
-        rps: ok as f64 * 1e6 / fin,
+        rps: ok as f64 / seconds as f64,
         mean_us,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
         cpu_us_per_req: (cpu1 - cpu0) * 1e6 / ok as f64,
         failed,
     })
@@ -889,15 +1163,88 @@ fn transfer(env: &Env, proxy: &Proc, port: u16, bytes: u64, upload: bool) -> Res
 
 /// RSS per idle HTTP/3 connection: `n` connections through the proxy,
 /// each after one request, held open; VmRSS delta / n.
+///
+/// The connections are opened by a child process (this binary with
+/// `--idle-client`): every client connection has its own quinn endpoint
+/// with large, lazily touched receive buffers, and 10k of them would leave
+/// this process with so much address space that forking the next proxy
+/// fails (ENOMEM). The child's memory goes when it exits.
 fn idle_connections(env: &Env, proxy: &Proc, port: u16, n: usize) -> Result<(f64, u64)> {
+    use std::io::BufRead as _;
+
     let rt = current_thread()?;
     let opts = env.client_options(port);
     let u = url(port, "/");
-    rt.block_on(async {
+    let warm = rt.block_on(async {
         let warm = H3Client::connect(&u, &opts).await?;
         warm.get("/").await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = proxy.rss_kib();
+        Ok::<_, anyhow::Error>(warm)
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let before = proxy.rss_kib();
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--idle-client")
+        .arg(port.to_string())
+        .arg(n.to_string())
+        .arg(&env.cert)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the idle-connection client")?;
+    // Killed on drop, so an error here leaves no client behind.
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let mut out =
+        std::io::BufReader::new(child.0.stdout.take().context("idle client has no stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("idle client: {}", line.trim());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = proxy.rss_kib();
+    let mut stdin = child.0.stdin.take().context("idle client has no stdin")?;
+    writeln!(stdin, "close")?;
+    line.clear();
+    out.read_line(&mut line)?;
+    let alive: usize = line
+        .trim()
+        .strip_prefix("alive ")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("idle client: {}", line.trim()))?;
+    let _ = child.0.wait();
+    if alive < n {
+        bail!("only {alive} of {n} idle connections stayed open");
+    }
+    rt.block_on(warm.close());
+    Ok((after.saturating_sub(before) as f64 / n as f64, before))
+}
+
+/// The child side of [`idle_connections`] (`--idle-client PORT N CA`):
+/// opens N connections to 127.0.0.1:PORT, one GET each, prints `ready`,
+/// waits for a line (or EOF) on stdin, prints `alive K` and closes them.
+fn idle_client(args: &[String]) -> Result<()> {
+    let [port, n, ca] = args else {
+        bail!("usage: --idle-client PORT N CA");
+    };
+    let port: u16 = port.parse().context("--idle-client: bad port")?;
+    let n: usize = n.parse().context("--idle-client: bad count")?;
+    let opts = ClientOptions {
+        ca: Some(PathBuf::from(ca)),
+        connect_to: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let u = url(port, "/");
+    let rt = current_thread()?;
+    rt.block_on(async {
         let mut clients = Vec::with_capacity(n);
         let batch = 50;
         while clients.len() < n {
@@ -915,105 +1262,28 @@ fn idle_connections(env: &Env, proxy: &Proc, port: u16, n: usize) -> Result<(f64
                 clients.push(p.await??);
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = proxy.rss_kib();
+        println!("ready");
+        std::io::stdout().flush()?;
+        // Blocking read off the runtime thread, so the connections keep
+        // being served (ACKs, keep-alives) meanwhile.
+        tokio::task::spawn_blocking(|| {
+            let mut l = String::new();
+            std::io::stdin().read_line(&mut l)
+        })
+        .await??;
         let alive = clients
             .iter()
             .filter(|c| c.connection().close_reason().is_none())
             .count();
-        if alive < n {
-            bail!("only {alive} of {n} idle connections stayed open");
-        }
-        for c in clients {
-            c.close().await;
-        }
-        warm.close().await;
-        Ok((after.saturating_sub(before) as f64 / n as f64, before))
+        println!("alive {alive}");
+        std::io::stdout().flush()?;
+        futures_util::future::join_all(clients.into_iter().map(H3Client::close)).await;
+        Ok(())
     })
 }
 
 // ---------------------------------------------------------------------------
-// Statistics and the table
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
-/// Samples per (metric, target), in insertion order of the metrics.
-#[derive(Default)]
-struct Table {
-    order: Vec<(String, &'static str, bool)>,
-    samples: BTreeMap<(String, String), Vec<f64>>,
-    notes: Vec<String>,
-}
-
-impl Table {
-    /// `lower_better` drives the "better" column only.
-    fn add(&mut self, metric: &str, unit: &'static str, lower_better: bool, target: &str, v: f64) {
-        if !self.order.iter().any(|(m, _, _)| m == metric) {
-            self.order.push((metric.to_owned(), unit, lower_better));
-        }
-        self.samples
-            .entry((metric.to_owned(), target.to_owned()))
-            .or_default()
-            .push(v);
-    }
-
-    fn get(&self, metric: &str, target: &str) -> Option<f64> {
-        self.samples
-            .get(&(metric.to_owned(), target.to_owned()))
-            .map(|v| median(v.clone()))
-    }
-
-    fn render(&self) -> String {
-        let fmt = |v: Option<f64>| match v {
-            None => "-".to_owned(),
-            Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
-            Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-            Some(v) => format!("{v:.2}"),
-        };
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{:<34} {:>11} {:>11} {:>8}  {:<10} {:>11}",
-            "metric (median)", "spooky", "caddy", "ratio", "better", "baseline"
-        );
-        let _ = writeln!(s, "{}", "-".repeat(92));
-        for (metric, unit, lower) in &self.order {
-            let a = self.get(metric, "spooky");
-            let b = self.get(metric, "caddy");
-            let base = self.get(metric, "baseline");
-            let ratio = match (a, b) {
-                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-                _ => "-".to_owned(),
-            };
-            let name = format!("{metric} ({unit})");
-            let _ = writeln!(
-                s,
-                "{:<34} {:>11} {:>11} {:>8}  {:<10} {:>11}",
-                name,
-                fmt(a),
-                fmt(b),
-                ratio,
-                if *lower { "lower" } else { "higher" },
-                fmt(base)
-            );
-        }
-        for n in &self.notes {
-            let _ = writeln!(s, "{n}");
-        }
-        s
-    }
-}
+// Rounds
 
 /// Rotates `targets` by `round` so every target goes first in turn.
 fn rotated<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
@@ -1028,73 +1298,187 @@ fn rotated<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
 // ---------------------------------------------------------------------------
 // Sections
 
-fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
-    let (nginx, nginx_port) = env.nginx()?;
-    let (spooky, sp) = env.spooky(nginx_port)?;
-    let (caddy, cp) = env.caddy(nginx_port)?;
-    let (direct, dp) = env.demo_backend("http3")?;
+/// Records one load run in `table` and prints it.
+fn record_run(
+    table: &mut Table,
+    scenario: &str,
+    round: usize,
+    name: &str,
+    r: &Run,
+    peak_kib: u64,
+    backend: bool,
+) {
     println!(
-        "\n== h3: {} connections x {} streams, {} s per run, {} client threads, GET / -> nginx `hello\\n` (HTTP/1.1 keep-alive)",
-        o.conns, o.streams, o.seconds, o.client_threads
+        "   round {} {:<8} {:>9.0} req/s  p50 {:>7.0}  p99 {:>7.0}  p99.9 {:>7.0} us  cpu {:>6.1} us/req  peak RSS {:>6} KiB  ({} ok, {} errors)",
+        round + 1,
+        name,
+        r.rps,
+        r.p50_us,
+        r.p99_us,
+        r.p999_us,
+        r.cpu_us_per_req,
+        peak_kib,
+        r.requests,
+        r.errors
     );
-    println!("   baseline: same client straight to spooky's HTTP/3 demo backend (no proxy)");
-    let targets: [(&str, &Proc, u16, Option<u32>); 3] = [
-        ("spooky", &spooky, sp, Some(nginx.pid())),
-        ("caddy", &caddy, cp, Some(nginx.pid())),
-        ("baseline", &direct, dp, None),
-    ];
+    let _ = std::io::stdout().flush();
+    table.add(scenario, report::RPS, name, r.rps);
+    table.add(scenario, report::P50, name, r.p50_us);
+    table.add(scenario, report::P99, name, r.p99_us);
+    table.add(scenario, report::P999, name, r.p999_us);
+    table.add(scenario, report::MEAN, name, r.mean_us);
+    // µs per request = ms per 1000 requests; the table shows seconds.
+    table.add(scenario, report::CPU_1K, name, r.cpu_us_per_req / 1000.0);
+    if backend {
+        table.add(
+            scenario,
+            report::BACKEND_CPU_1K,
+            name,
+            r.backend_cpu_us_per_req / 1000.0,
+        );
+    }
+    table.add(scenario, report::PEAK_RSS, name, peak_kib as f64 / 1024.0);
+    table.add(scenario, report::ERRORS, name, r.errors as f64);
+}
+
+/// A load target: name, process, port, backend pid (for its CPU).
+type Target<'a> = (&'a str, &'a Proc, u16, Option<u32>);
+
+/// Runs `load` against every target for `o.rounds` rounds (order rotated
+/// each round), peak RSS reset before each run.
+fn rounds_of(
+    o: &Opts,
+    table: &mut Table,
+    scenario: &str,
+    targets: &[Target<'_>],
+    mut load: impl FnMut(&str, &Proc, u16, Option<u32>) -> Result<Run>,
+) -> Result<()> {
+    println!("-- {scenario}");
     for round in 0..o.rounds {
-        for (name, proc_, port, backend) in rotated(&targets, round) {
-            let r = h3_load(
-                port,
-                &env.client_options(port),
-                "/",
-                o.conns,
-                o.streams,
-                o.client_threads,
-                Duration::from_secs(o.seconds),
-                proc_.pid(),
-                backend,
-            )
-            .with_context(|| format!("h3 load through {name}"))?;
-            println!(
-                "   round {} {:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  mean {:>7.0} us  cpu {:>6.1} us/req  nginx cpu {:>5.1} us/req  ({} ok, {} errors)",
-                round + 1,
+        for (name, proc_, port, backend) in rotated(targets, round) {
+            proc_.reset_peak()?;
+            let r = load(name, proc_, port, backend)
+                .with_context(|| format!("{scenario}: load through {name}"))?;
+            record_run(
+                table,
+                scenario,
+                round,
                 name,
-                r.rps,
-                r.p50_us,
-                r.p99_us,
-                r.mean_us,
-                r.cpu_us_per_req,
-                r.backend_cpu_us_per_req,
-                r.requests,
-                r.errors
+                &r,
+                proc_.peak_rss_kib(),
+                backend.is_some(),
             );
-            table.add("h3 requests/s", "req/s", false, name, r.rps);
-            table.add("h3 p50 latency", "us", true, name, r.p50_us);
-            table.add("h3 p99 latency", "us", true, name, r.p99_us);
-            table.add(
-                "h3 proxy CPU per request",
-                "us",
-                true,
-                name,
-                r.cpu_us_per_req,
-            );
-            if backend.is_some() {
-                table.add(
-                    "h3 nginx CPU per request",
-                    "us",
-                    true,
-                    name,
-                    r.backend_cpu_us_per_req,
-                );
-            }
-            table.add("h3 errors", "count", true, name, r.errors as f64);
         }
     }
+    Ok(())
+}
+
+/// Starts a fresh spooky and Caddy in front of the backend on
+/// `backend_port`, and a fresh HTTP/3 demo backend as the baseline, then
+/// runs [`rounds_of`]: fresh processes per scenario, so one scenario's peak
+/// RSS does not carry what the one before allocated.
+fn fresh_rounds(
+    env: &Env,
+    o: &Opts,
+    table: &mut Table,
+    scenario: &str,
+    backend_port: u16,
+    backend_pid: u32,
+    load: impl Fn(&Proc, u16, Option<u32>) -> Result<Run>,
+) -> Result<()> {
+    let (spooky, sp) = env.spooky(backend_port)?;
+    let (caddy, cp) = env.caddy(backend_port)?;
+    let (direct, dp) = env.demo_backend("http3")?;
+    let targets: [Target; 3] = [
+        ("spooky", &spooky, sp, Some(backend_pid)),
+        ("caddy", &caddy, cp, Some(backend_pid)),
+        ("baseline", &direct, dp, None),
+    ];
+    rounds_of(o, table, scenario, &targets, |_, p, port, b| {
+        load(p, port, b)
+    })
+}
+
+fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
+    let (nginx, nginx_port) = env.nginx()?;
+    let np = nginx.pid();
+    println!(
+        "\n== h3: {} s per run, {} client threads, GET / -> nginx `hello\\n` (HTTP/1.1 keep-alive); fresh proxies per scenario, peak RSS reset before each run",
+        o.seconds, o.client_threads
+    );
+    println!("   baseline: same client straight to spooky's HTTP/3 demo backend (no proxy)");
+    let duration = Duration::from_secs(o.seconds);
+
+    let small = format!("h3 small GETs, {} conns x {} streams", o.conns, o.streams);
+    fresh_rounds(env, o, table, &small, nginx_port, np, |p, port, backend| {
+        h3_load(
+            port,
+            &env.client_options(port),
+            "/",
+            o.conns,
+            o.streams,
+            o.client_threads,
+            duration,
+            p.pid(),
+            backend,
+        )
+    })?;
+
+    let many = format!("h3 {} conns x 1 stream", o.many_conns);
+    fresh_rounds(env, o, table, &many, nginx_port, np, |p, port, backend| {
+        h3_load(
+            port,
+            &env.client_options(port),
+            "/",
+            o.many_conns,
+            1,
+            o.client_threads,
+            duration,
+            p.pid(),
+            backend,
+        )
+    })?;
+
+    let hs = format!("h3 new connections, {} loops", o.handshake_loops);
+    fresh_rounds(env, o, table, &hs, nginx_port, np, |p, port, backend| {
+        h3_handshakes(
+            port,
+            &env.client_options(port),
+            o.handshake_loops,
+            o.client_threads,
+            duration,
+            p.pid(),
+            backend,
+        )
+    })?;
+
+    if have("oha") {
+        let scen = format!("h3 small GETs (oha), {} conns", o.conns * o.streams);
+        fresh_rounds(env, o, table, &scen, nginx_port, np, |p, port, backend| {
+            oha_load(
+                &format!("https://127.0.0.1:{port}/"),
+                o.conns * o.streams,
+                o.seconds,
+                p.pid(),
+                backend,
+            )
+        })?;
+        table.notes.push(format!(
+            "oha: `oha --http-version 3 -c {} -z {}s`; requests/s = 2xx count / configured duration (oha's own HTTP/3 req/s is known to be wrong)",
+            o.conns * o.streams,
+            o.seconds
+        ));
+    } else {
+        println!("-- SKIP oha: not installed (cargo install oha --features http3)");
+        table.notes.push(
+            "oha: not installed, its scenario was skipped (cargo install oha --features http3)"
+                .to_owned(),
+        );
+    }
+
     table.notes.push(format!(
-        "h3: {} conns x {} streams, {} s x {} rounds, GET / (6-byte body) via nginx HTTP/1.1; baseline = h3 demo backend direct, its CPU column is the server's",
-        o.conns, o.streams, o.seconds, o.rounds
+        "h3: {} s x {} rounds per scenario, GET / (6-byte body) via nginx HTTP/1.1; baseline = same client to spooky's h3 demo backend direct (its CPU column is the server's); new connections = connect, one GET, close; requests/s = successes / configured duration",
+        o.seconds, o.rounds
     ));
     Ok(())
 }
@@ -1140,8 +1524,13 @@ fn section_h2(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
         } else {
             vec!["-c", &c, "-m", &m]
         };
-        h2load(&args, u, 1, *pid)?;
+        h2load(&args, u, 1, *pid, &env.path("h2load-warmup.log"))?;
     }
+    let scen = format!(
+        "h2 small GETs (h2load), {} conns x {} streams",
+        o.h2_conns, o.h2_streams
+    );
+    println!("-- {scen}");
     for round in 0..o.rounds {
         for (name, pid, u, h1) in rotated(&targets, round) {
             let args: Vec<&str> = if h1 {
@@ -1149,26 +1538,28 @@ fn section_h2(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
             } else {
                 vec!["-c", &c, "-m", &m]
             };
-            let r = h2load(&args, &u, o.seconds, pid).with_context(|| format!("h2load {name}"))?;
+            let r = h2load(&args, &u, o.seconds, pid, &env.path("h2load.log"))
+                .with_context(|| format!("h2load {name}"))?;
             println!(
-                "   round {} {:<8} {:>9.0} req/s  mean {:>7.0} us  cpu {:>6.1} us/req  ({} failed)",
+                "   round {} {:<8} {:>9.0} req/s  p50 {:>7.0}  p99 {:>7.0}  p99.9 {:>7.0}  mean {:>7.0} us  cpu {:>6.1} us/req  ({} failed)",
                 round + 1,
                 name,
                 r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
                 r.mean_us,
                 r.cpu_us_per_req,
                 r.failed
             );
-            table.add("h2 requests/s", "req/s", false, name, r.rps);
-            table.add("h2 mean latency", "us", true, name, r.mean_us);
-            table.add(
-                "h2 proxy CPU per request",
-                "us",
-                true,
-                name,
-                r.cpu_us_per_req,
-            );
-            table.add("h2 failed", "count", true, name, r.failed as f64);
+            let _ = std::io::stdout().flush();
+            table.add(&scen, report::RPS, name, r.rps);
+            table.add(&scen, report::P50, name, r.p50_us);
+            table.add(&scen, report::P99, name, r.p99_us);
+            table.add(&scen, report::P999, name, r.p999_us);
+            table.add(&scen, report::MEAN, name, r.mean_us);
+            table.add(&scen, report::CPU_1K, name, r.cpu_us_per_req / 1000.0);
+            table.add(&scen, report::ERRORS, name, r.failed as f64);
         }
     }
     drop((spooky, caddy, nginx));
@@ -1181,89 +1572,176 @@ fn section_h2(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
 
 fn section_memory(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
     let (backend, bp) = env.demo_backend("http1")?;
-    let bytes = o.body_mib << 20;
     println!(
-        "\n== memory: fresh proxy per measurement; {} MiB download (/bytes/N) and upload (/sink) over one HTTP/3 stream; {} idle HTTP/3 connections; backend: spooky demo-backend over HTTP/1.1",
-        o.body_mib, o.idle_conns
+        "\n== bodies and idle connections: backend spooky demo-backend over HTTP/1.1 (/bytes/N, /sink) behind both proxies; baseline: same client to the HTTP/3 demo backend direct"
     );
+
+    // 1 MiB downloads under load.
+    let duration = Duration::from_secs(o.seconds);
+    let scen = "h3 1 MiB downloads, 4 conns";
+    fresh_rounds(env, o, table, scen, bp, backend.pid(), |p, port, b| {
+        h3_load(
+            port,
+            &env.client_options(port),
+            "/bytes/1048576",
+            4,
+            1,
+            o.client_threads,
+            duration,
+            p.pid(),
+            b,
+        )
+    })?;
+
     type Start<'a> = &'a dyn Fn(u16) -> Result<(Proc, u16)>;
     let start_spooky = |b| env.spooky(b);
     let start_caddy = |b| env.caddy(b);
-    let targets: [(&str, Start); 2] = [("spooky", &start_spooky), ("caddy", &start_caddy)];
-    let dl = format!("{} MiB download", o.body_mib);
-    let ul = format!("{} MiB upload", o.body_mib);
-    for round in 0..o.rounds {
-        for (name, start) in rotated(&targets, round) {
-            for upload in [false, true] {
+    let start_direct = |_: u16| env.demo_backend("http3");
+    let targets: [(&str, Start); 3] = [
+        ("spooky", &start_spooky),
+        ("caddy", &start_caddy),
+        ("baseline", &start_direct),
+    ];
+
+    // Large bodies: a fresh proxy per transfer.
+    if o.quick {
+        println!("-- SKIP {} MiB transfers (--quick)", o.body_mib);
+        table.notes.push(format!(
+            "--quick: {} MiB transfers and idle counts above 1000 skipped",
+            o.body_mib
+        ));
+    } else {
+        let bytes = o.body_mib << 20;
+        let dl = format!("h3 {} MiB download, 1 stream", o.body_mib);
+        let ul = format!("h3 {} MiB upload, 1 stream", o.body_mib);
+        println!("-- {dl}; {ul} (fresh proxy per transfer, VmHWM reset before it)");
+        for round in 0..o.rounds {
+            for (name, start) in rotated(&targets, round) {
+                for upload in [false, true] {
+                    let (p, port) = start(bp)?;
+                    let t = transfer(env, &p, port, bytes, upload).with_context(|| {
+                        format!(
+                            "{} through {name}",
+                            if upload { "upload" } else { "download" }
+                        )
+                    })?;
+                    let what = if upload { &ul } else { &dl };
+                    let growth = t.peak_kib.saturating_sub(t.baseline_kib) as f64 / 1024.0;
+                    println!(
+                        "   round {} {:<8} {:<8} peak RSS {:>7} KiB (before {:>6} KiB, growth {:>6.1} MiB)  {:>7.1} MiB/s  {:>5.2} CPU s/GiB",
+                        round + 1,
+                        name,
+                        if upload { "upload" } else { "download" },
+                        t.peak_kib,
+                        t.baseline_kib,
+                        growth,
+                        t.mib_per_s,
+                        t.cpu_s_per_gib
+                    );
+                    let _ = std::io::stdout().flush();
+                    let growth_metric = if !upload && o.body_mib == 100 {
+                        report::GROWTH_100M
+                    } else {
+                        report::GROWTH
+                    };
+                    table.add(what, report::RATE, name, t.mib_per_s);
+                    table.add(
+                        what,
+                        report::TRANSFER_PEAK,
+                        name,
+                        t.peak_kib as f64 / 1024.0,
+                    );
+                    table.add(what, growth_metric, name, growth);
+                    table.add(what, report::CPU_GIB, name, t.cpu_s_per_gib);
+                    drop(p);
+                }
+            }
+        }
+    }
+
+    // Idle connections: a fresh proxy per count.
+    let limit = nofile_limit();
+    for &n in &o.idle_conns {
+        let scen = format!("h3 {n} idle connections");
+        // One UDP socket per client connection in this process.
+        if (n as u64).saturating_add(512) > limit {
+            println!(
+                "-- SKIP {scen}: RLIMIT_NOFILE is {limit} (hard limit), {n} client sockets need more"
+            );
+            table.notes.push(format!(
+                "{scen}: skipped, RLIMIT_NOFILE hard limit {limit} is below {n} + 512 (one UDP socket per client connection)"
+            ));
+            continue;
+        }
+        // 10k connections take a while to open: above 5000, one round
+        // and no baseline.
+        let (rounds, who) = if n > 5000 {
+            (1, &targets[..2])
+        } else {
+            (o.rounds, &targets[..])
+        };
+        println!("-- {scen} (each after one GET; VmRSS delta / n; {rounds} round(s))");
+        for round in 0..rounds {
+            for (name, start) in rotated(who, round) {
                 let (p, port) = start(bp)?;
-                let t = transfer(env, &p, port, bytes, upload).with_context(|| {
-                    format!(
-                        "{} through {name}",
-                        if upload { "upload" } else { "download" }
-                    )
-                })?;
-                let what = if upload { &ul } else { &dl };
+                let t0 = Instant::now();
+                let (per_conn, before) = idle_connections(env, &p, port, n)
+                    .with_context(|| format!("{n} idle connections through {name}"))?;
                 println!(
-                    "   round {} {:<7} {:<18} peak RSS {:>7} KiB (idle {:>6} KiB)  {:>7.1} MiB/s  {:>5.2} CPU s/GiB",
+                    "   round {} {:<8} {:>6.1} KiB/conn (RSS before {} KiB; {:.1} s)",
                     round + 1,
                     name,
-                    what,
-                    t.peak_kib,
-                    t.baseline_kib,
-                    t.mib_per_s,
-                    t.cpu_s_per_gib
+                    per_conn,
+                    before,
+                    t0.elapsed().as_secs_f64()
                 );
-                table.add(
-                    &format!("{what}: peak RSS"),
-                    "MiB",
-                    true,
-                    name,
-                    t.peak_kib as f64 / 1024.0,
-                );
-                table.add(&format!("{what}: rate"), "MiB/s", false, name, t.mib_per_s);
-                table.add(
-                    &format!("{what}: proxy CPU"),
-                    "s/GiB",
-                    true,
-                    name,
-                    t.cpu_s_per_gib,
-                );
-                drop(p);
+                let _ = std::io::stdout().flush();
+                table.add(&scen, report::IDLE_RSS, name, per_conn);
+                table.add(&scen, report::START_RSS, name, before as f64 / 1024.0);
             }
-            let (p, port) = start(bp)?;
-            let (per_conn, before) = idle_connections(env, &p, port, o.idle_conns)
-                .with_context(|| format!("idle connections through {name}"))?;
-            println!(
-                "   round {} {:<7} {} idle conns: {:>6.1} KiB/conn (RSS before {} KiB)",
-                round + 1,
-                name,
-                o.idle_conns,
-                per_conn,
-                before
-            );
-            table.add("RSS per idle h3 connection", "KiB", true, name, per_conn);
-            table.add(
-                "idle RSS after start",
-                "MiB",
-                true,
-                name,
-                before as f64 / 1024.0,
-            );
+        }
+        if n > 5000 {
+            table.notes.push(format!(
+                "{scen}: one round and no baseline (opening them takes most of the time)"
+            ));
         }
     }
     drop(backend);
     table.notes.push(format!(
-        "memory: {} MiB bodies over one HTTP/3 stream (peak = VmHWM reset before the transfer), {} idle connections (each after one GET), {} rounds",
-        o.body_mib, o.idle_conns, o.rounds
+        "bodies: 1 MiB downloads in a loop (requests/s = MiB/s); {} MiB over one HTTP/3 stream, peak = VmHWM reset before the transfer, growth = peak - RSS before; idle: each connection after one GET, RSS delta / n; {} rounds",
+        o.body_mib, o.rounds
     ));
     Ok(())
 }
 
+/// The soft RLIMIT_NOFILE of this process (after [`raise_nofile`]).
+fn nofile_limit() -> u64 {
+    // SAFETY: plain getrlimit on this process.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur
+        } else {
+            0
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE for the idle-connection runs (one UDP socket per
+/// client connection): to 65536 where allowed (root may raise the hard
+/// limit), else to the hard limit. Child processes inherit it.
 fn raise_nofile() {
     // SAFETY: plain get/setrlimit on this process.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= 65536 {
+            return;
+        }
+        let want = libc::rlimit {
+            rlim_cur: 65536,
+            rlim_max: r.rlim_max.max(65536),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max.min(65536);
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
@@ -1272,6 +1750,13 @@ fn raise_nofile() {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--idle-client") {
+        if let Err(e) = idle_client(&args[1..]) {
+            println!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench binaries without --bench.
         println!(
@@ -1300,6 +1785,9 @@ fn run(args: &[String]) -> Result<()> {
         );
         return Ok(());
     }
+    let started = Instant::now();
+    let stamp = report::utc_stamp();
+    let machine = report::machine();
     raise_nofile();
     let env = Env::new(o.default_pools)?;
     println!(
@@ -1329,5 +1817,30 @@ fn run(args: &[String]) -> Result<()> {
         section_memory(&env, &o, &mut table)?;
     }
     println!("\n{}", table.render());
+    println!("{}", table.render_checks());
+    let elapsed = started.elapsed().as_secs_f64();
+    let options = serde_json::json!({
+        "quick": o.quick,
+        "seconds": o.seconds,
+        "rounds": o.rounds,
+        "sections": o.sections,
+        "conns": o.conns,
+        "streams": o.streams,
+        "client_threads": o.client_threads,
+        "many_conns": o.many_conns,
+        "handshake_loops": o.handshake_loops,
+        "h2_conns": o.h2_conns,
+        "h2_streams": o.h2_streams,
+        "body_mib": o.body_mib,
+        "idle_conns": o.idle_conns,
+        "default_pools": o.default_pools,
+        "rlimit_nofile": nofile_limit(),
+    });
+    let written = report::write_reports(&o.out_dir, &stamp, &table, &machine, &options, elapsed)
+        .context("cannot write the reports")?;
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    println!("proxy bench took {elapsed:.0} s");
     Ok(())
 }

@@ -498,7 +498,15 @@ impl Proxy {
                 crate::metrics::class_label(status),
             ])
             .inc();
-        let access = self.config.log.access.then(|| AccessLine {
+        // Built only when the line will be written: `log.access` on and
+        // the subscriber takes `spooky::access` at this level.
+        let logged = self.config.log.access
+            && if status >= 500 {
+                tracing::enabled!(target: "spooky::access", tracing::Level::WARN)
+            } else {
+                tracing::enabled!(target: "spooky::access", tracing::Level::INFO)
+            };
+        let access = logged.then(|| AccessLine {
             client: down.peer,
             method: req.method.to_string(),
             authority: req.uri.authority().map_or("-", |a| a.as_str()).to_owned(),

@@ -41,15 +41,20 @@ enum Cmd {
     /// Benchmarks: XDP ns/packet, and spooky against a peer proxy on the same
     /// backend and client.
     Bench {
-        /// Seconds per load run.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Interleaved rounds per comparison (medians are reported).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Only this benchmark: `xdp`, `proxy` or `memory`.
+        /// Seconds per load run (default 5, 2 with `--quick`).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Interleaved rounds per comparison, medians reported (default 3,
+        /// 2 with `--quick`).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Only this benchmark: `xdp`, `proxy` (`h3`, `h2`) or `memory`.
         #[arg(long)]
         only: Option<String>,
+        /// The short set (about 2 minutes): fewer rounds, shorter runs, no
+        /// 100 MiB transfers, no 10k idle connections.
+        #[arg(long)]
+        quick: bool,
     },
     /// Rebuild spooky-ebpf/spooky.bpf.o from its C source (needs clang-19 and libbpf-dev).
     BuildEbpf,
@@ -65,7 +70,8 @@ fn main() -> Result<()> {
             seconds,
             rounds,
             only,
-        } => bench::run(seconds, rounds, only.as_deref()),
+            quick,
+        } => bench::run(seconds, rounds, only.as_deref(), quick),
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::CheckEbpf => ebpf::check(),
     }
@@ -108,10 +114,19 @@ pub fn build_spooky(release: bool) -> Result<PathBuf> {
         c.arg("--release");
     }
     must(&mut c)?;
-    Ok(root
-        .join("target")
+    Ok(target_dir()?
         .join(if release { "release" } else { "debug" })
         .join("spooky"))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace
+/// root) or `target/`.
+pub fn target_dir() -> Result<PathBuf> {
+    let root = root()?;
+    Ok(match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    })
 }
 
 /// Kills the children when dropped, so Ctrl-C or an error leaves nothing behind.
