@@ -100,12 +100,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `connection` header names. `te: trailers` survives on requests: it is
 /// the one value HTTP/2 and HTTP/3 allow, and gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Split the octets, not a `&str`: a value with obs-text (octets above
+    // 0x7f, which `to_str` refuses) still names its other options, and
+    // reading it as a whole would forward them (found by fuzzing).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect();
     let te_trailers = keep_te_trailers
         && headers.get_all(header::TE).iter().any(|v| {
@@ -664,6 +666,23 @@ mod tests {
         assert_eq!(req["x-keep"], "yes");
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn connection_with_obs_text_still_names_its_options() {
+        // Found by fuzz/fuzz_targets/request_headers.rs: the non-ASCII
+        // octet made the whole value unreadable as a string, and
+        // `x-private` reached the backend.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"keep-alive\xe6, x-private").unwrap(),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(!h.contains_key("x-private"), "{h:?}");
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

@@ -245,6 +245,12 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
     if !no_lint {
         eprintln!("xtask: cargo fmt --check");
         must(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        // fuzz/ is a workspace of its own, outside `--all`.
+        must(
+            cargo()
+                .current_dir(root.join("fuzz"))
+                .args(["fmt", "--check"]),
+        )?;
         eprintln!("xtask: cargo clippy");
         must(cargo().current_dir(&root).args([
             "clippy",

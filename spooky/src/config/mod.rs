@@ -744,7 +744,14 @@ fn check_admin(
         (Some(t), None) => Some(t.trim().to_owned()),
         (None, Some(f)) => {
             let path = rel(f);
-            match std::fs::read_to_string(&path) {
+            // Bounded: a token is one short line, and `/dev/zero` or a
+            // huge file must not hang `spooky check`.
+            let read = std::fs::File::open(&path).and_then(|f| {
+                use std::io::Read;
+                let mut text = String::new();
+                f.take(4096).read_to_string(&mut text).map(|_| text)
+            });
+            match read {
                 Ok(text) => Some(text.lines().next().unwrap_or("").trim().to_owned()),
                 Err(e) => {
                     c.err(

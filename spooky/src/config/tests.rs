@@ -314,6 +314,11 @@ fn admin_off_loopback_needs_a_token() {
         "{MINIMAL}admin: {{ address: \"127.0.0.1:9901\" }}\n"
     ));
     assert_eq!(local.admin.unwrap().token, None);
+    // A token file is read only as far as a token can reach: /dev/zero
+    // gives a clear error instead of a hang.
+    let endless =
+        format!("{MINIMAL}admin: {{ address: \"127.0.0.1:9901\", token_file: /dev/zero }}\n");
+    has(&errors(&endless), "admin.token", "printable");
 }
 
 #[test]
