@@ -11,11 +11,14 @@
 //!
 //! Without `--only`, all three run; proxy and memory share one bench run so
 //! their figures end in one table (and in `bench/results/latest.{md,json,png}`).
-//! `--quick` is the short set (about 2 minutes).
+//! `--quick` is the short set (about 2 minutes). Missing tools are
+//! installed first (`--no-install` skips that): Caddy, nginx and h2load
+//! from Debian with apt-get (as root), and oha with `cargo install`.
 
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{cargo, must, root};
 
@@ -25,8 +28,12 @@ pub fn run(
     rounds: Option<usize>,
     only: Option<&str>,
     quick: bool,
+    install: bool,
 ) -> Result<()> {
     let started = Instant::now();
+    if install && only != Some("xdp") {
+        install_tools()?;
+    }
     let opts = ProxyOpts {
         seconds,
         rounds,
@@ -46,6 +53,67 @@ pub fn run(
         secs % 60
     );
     r
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs what the proxy bench runs and is missing: the peer proxy, the
+/// backend and the HTTP/2 load generator from Debian, and oha (HTTP/3 load)
+/// built with its `http3` feature.
+fn install_tools() -> Result<()> {
+    let debian: Vec<&str> = [
+        ("caddy", "caddy"),
+        ("nginx", "nginx"),
+        ("h2load", "nghttp2-client"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !have(tool))
+    .map(|(_, package)| package)
+    .collect();
+    if !debian.is_empty() {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if !root || !have("apt-get") {
+            bail!(
+                "missing {}: install them (apt-get install {}) or run as root on Debian",
+                debian.join(", "),
+                debian.join(" ")
+            );
+        }
+        println!("installing {} with apt-get", debian.join(", "));
+        must(Command::new("apt-get").arg("update"))?;
+        must(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&debian)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        // Debian starts the packaged services; the bench runs its own.
+        for service in ["caddy", "nginx"] {
+            let _ = Command::new("systemctl").args(["stop", service]).output();
+        }
+    }
+    if !have("oha") {
+        println!(
+            "installing oha with HTTP/3 (cargo install --locked oha --features http3); a one-time build of about 20 minutes on 2 cores"
+        );
+        // --locked: the newest versions of its dependencies need a newer
+        // rustc than 1.95.
+        must(
+            cargo()
+                .args(["install", "--locked", "oha", "--features", "http3"])
+                .env_remove("CARGO_TARGET_DIR"),
+        )
+        .context("installing oha")?;
+    }
+    Ok(())
 }
 
 struct ProxyOpts {

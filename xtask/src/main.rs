@@ -55,6 +55,10 @@ enum Cmd {
         /// 100 MiB transfers, no 10k idle connections.
         #[arg(long)]
         quick: bool,
+        /// Do not install missing tools (caddy, nginx, h2load with
+        /// apt-get; oha with cargo install).
+        #[arg(long)]
+        no_install: bool,
     },
     /// Rebuild spooky-ebpf/spooky.bpf.o from its C source (needs clang-19 and libbpf-dev).
     BuildEbpf,
@@ -71,7 +75,8 @@ fn main() -> Result<()> {
             rounds,
             only,
             quick,
-        } => bench::run(seconds, rounds, only.as_deref(), quick),
+            no_install,
+        } => bench::run(seconds, rounds, only.as_deref(), quick, !no_install),
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::CheckEbpf => ebpf::check(),
     }
