@@ -281,7 +281,9 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
     let mut c = cargo();
     c.current_dir(&root)
         .env("SPOOKY_TEST_PYTHON", &python)
-        .args(["test", "--workspace", "--all-targets"]);
+        // Every test binary runs even after a failure: one CI run shows
+        // all of them.
+        .args(["test", "--workspace", "--all-targets", "--no-fail-fast"]);
     if !args.is_empty() {
         c.arg("--").args(args);
     }
