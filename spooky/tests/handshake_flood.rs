@@ -58,6 +58,20 @@ fn result(child: std::process::Child) -> Flood {
     }
 }
 
+/// spooky (with `limits`) in front of one demo backend, with an admin
+/// listener: (spooky, backend, admin port).
+fn start(limits: &str) -> (Spooky, Proc, u16) {
+    let certs = certs();
+    let (backend, addr) = backend("a", &certs, &[]);
+    let admin = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", addr)], ""),
+        admin,
+        limits,
+    ));
+    (sp, backend, admin)
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -67,15 +81,8 @@ async fn a_half_open_flood_gets_retry_memory_stays_bounded_and_clients_are_serve
     if python().is_none() {
         return;
     }
-    let certs = certs();
-    let (_b, addr) = backend("a", &certs, &[]);
-    let admin = free_tcp_port();
     // Default limits: Retry above 64 handshakes in progress per worker.
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", addr)], ""),
-        admin,
-        "",
-    ));
+    let (sp, _backend, admin) = start("");
     let warm = sp.client().await;
     assert_eq!(warm.get("/").await.unwrap().0.status(), 200);
     drop(warm);
@@ -131,16 +138,10 @@ async fn without_retry_the_server_sends_at_most_three_times_what_it_received() {
     if python().is_none() {
         return;
     }
-    let certs = certs();
-    let (_b, addr) = backend("a", &certs, &[]);
-    let admin = free_tcp_port();
     // Retry off: every handshake gets a full server flight, which the
     // anti-amplification limit must bound.
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", addr)], ""),
-        admin,
-        "limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n",
-    ));
+    let (sp, _backend, _admin) =
+        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n");
     let rss_before = sp.proc.rss_kib();
     let f = result(flood(&sp, 2000, 4.0));
     let peak = sp.proc.peak_rss_kib();
@@ -181,14 +182,8 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
     if python().is_none() {
         return;
     }
-    let certs = certs();
-    let (_b, addr) = backend("a", &certs, &[]);
-    let admin = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", addr)], ""),
-        admin,
-        "limits: { retry_threshold: 1000000, max_handshakes_in_progress: 20 }\n",
-    ));
+    let (sp, _backend, admin) =
+        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 20 }\n");
     let f = result(flood(&sp, 400, 1.0));
     let m = scrape_with(admin, None);
     let dropped = m
