@@ -67,6 +67,33 @@ pub struct Proxy {
     pub limits: Arc<RequestLimits>,
     /// TLS for the TCP listener, re-read on reload.
     pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Metric handles per route (indexed like `Config::routes`), and for
+    /// requests answered before any route matched.
+    route_metrics: Vec<RouteMetrics>,
+    unrouted: RouteMetrics,
+}
+
+/// A route's metric series, resolved once per generation: a labelled
+/// lookup takes a lock and hashes the labels, too much for every request.
+struct RouteMetrics {
+    duration: prometheus::Histogram,
+    /// `spooky_route_requests_total` by status class (1xx..5xx).
+    responses: Vec<prometheus::IntCounter>,
+}
+
+impl RouteMetrics {
+    fn new(route: &str, upstream: &str) -> Self {
+        Self {
+            duration: LIVE.request_duration.with_label_values(&[route]),
+            responses: crate::metrics::CLASSES
+                .iter()
+                .map(|class| {
+                    LIVE.route_requests
+                        .with_label_values(&[route, upstream, class])
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A worker's current [`Proxy`]: a request loads it once and keeps that
@@ -75,7 +102,21 @@ pub type ProxyHandle = Arc<ArcSwap<Proxy>>;
 
 impl Proxy {
     pub fn new(generation: &Generation, upstreams: WorkerUpstreams) -> Self {
+        let cfg = &generation.config;
+        let route_metrics = cfg
+            .routes
+            .iter()
+            .map(|r| {
+                let upstream = cfg
+                    .upstreams
+                    .get(r.upstream)
+                    .map_or("none", |u| u.name.as_str());
+                RouteMetrics::new(&r.name, upstream)
+            })
+            .collect();
         Self {
+            route_metrics,
+            unrouted: RouteMetrics::new("none", "none"),
             config: generation.config.clone(),
             upstreams,
             limits: generation.limits.clone(),
@@ -336,7 +377,7 @@ impl Proxy {
                 Logged::of(&parts),
                 &down,
                 &rid,
-                Served::local(Some(&route.name), Some(&upstream.name)),
+                Served::local(Some((route_idx, &route.name)), Some(&upstream.name)),
                 started,
             );
         }
@@ -360,7 +401,7 @@ impl Proxy {
                     Logged::of(&parts),
                     &down,
                     &rid,
-                    Served::local(Some(&route.name), Some(&upstream.name)),
+                    Served::local(Some((route_idx, &route.name)), Some(&upstream.name)),
                     started,
                 );
             }
@@ -436,7 +477,7 @@ impl Proxy {
                     &down,
                     &rid,
                     Served {
-                        route: Some(&route.name),
+                        route: Some((route_idx, &route.name)),
                         upstream: Some(&upstream.name),
                         backend: Some(&fwd.backend),
                         tries: fwd.tries,
@@ -463,7 +504,7 @@ impl Proxy {
                     &down,
                     &rid,
                     Served {
-                        route: Some(&route.name),
+                        route: Some((route_idx, &route.name)),
                         upstream: Some(&upstream.name),
                         backend: backend.as_deref(),
                         tries,
@@ -492,14 +533,14 @@ impl Proxy {
             status,
             served.local,
         );
-        let route = served.route.unwrap_or("none");
-        LIVE.route_requests
-            .with_label_values(&[
-                route,
-                served.upstream.unwrap_or("none"),
-                crate::metrics::class_label(status),
-            ])
-            .inc();
+        let metrics = served
+            .route
+            .and_then(|(i, _)| self.route_metrics.get(i))
+            .unwrap_or(&self.unrouted);
+        if let Some(c) = metrics.responses.get(crate::metrics::class_index(status)) {
+            c.inc();
+        }
+        let route = served.route.map_or("none", |(_, name)| name);
         // Built only when the line will be written: `log.access` on and
         // the subscriber takes `spooky::access` at this level.
         let logged = self.config.log.access
@@ -525,7 +566,7 @@ impl Proxy {
             inner: body,
             bytes: 0,
             started,
-            duration: LIVE.request_duration.with_label_values(&[route]),
+            duration: metrics.duration.clone(),
             access,
         });
         Response::from_parts(parts, body)
@@ -534,7 +575,8 @@ impl Proxy {
 
 /// Who served a request, for metrics and the access log.
 struct Served<'a> {
-    route: Option<&'a str>,
+    /// Index into `Config::routes`, and the route's name.
+    route: Option<(usize, &'a str)>,
     upstream: Option<&'a str>,
     backend: Option<&'a str>,
     tries: u32,
@@ -543,7 +585,7 @@ struct Served<'a> {
 }
 
 impl<'a> Served<'a> {
-    fn local(route: Option<&'a str>, upstream: Option<&'a str>) -> Self {
+    fn local(route: Option<(usize, &'a str)>, upstream: Option<&'a str>) -> Self {
         Self {
             route,
             upstream,
