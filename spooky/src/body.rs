@@ -147,6 +147,12 @@ pub struct H3Body<R: H3Recv> {
     /// arrived so far.
     declared: Option<u64>,
     received: u64,
+    /// The chunk that completed the declared length, held back until the
+    /// end of DATA proves nothing follows it. A consumer that stops at the
+    /// declared length (hyper's HTTP/1.1 client does) would otherwise
+    /// complete the request and never see the extra DATA that makes it
+    /// malformed.
+    held: Option<Bytes>,
     malformed: Option<MalformedBody>,
     guard: Option<Box<dyn Send>>,
     /// h3-quinn may have lent the QUIC stream to its read future, and a
@@ -175,6 +181,7 @@ impl<R: H3Recv> H3Body<R> {
             size_hint,
             declared: None,
             received: 0,
+            held: None,
             malformed: None,
             guard,
             read_may_be_lent: false,
@@ -184,9 +191,10 @@ impl<R: H3Recv> H3Body<R> {
 
     /// Wraps a request body whose `content-length` (when declared) must
     /// equal the DATA received: a chunk that would overshoot is never
-    /// yielded, and an early end is an error, so whatever forwards this
-    /// body aborts instead of completing a request of another length. A
-    /// mismatch is recorded in `malformed`, for the listener to reset the
+    /// yielded, the chunk that reaches the length is yielded only once the
+    /// DATA has ended, and an early end is an error, so whatever forwards
+    /// this body aborts instead of completing a request of another length.
+    /// A mismatch is recorded in `malformed`, for the listener to reset the
     /// stream with `H3_MESSAGE_ERROR`.
     pub fn enforcing(recv: R, content_length: Option<u64>, malformed: MalformedBody) -> Self {
         let mut body = Self::new(recv, content_length, None);
@@ -201,6 +209,7 @@ impl<R: H3Recv> H3Body<R> {
     /// `read_may_be_lent`), and after a short end the peer has finished.
     fn length_mismatch(&mut self, declared: u64, received: u64) -> BoxError {
         self.phase = RecvPhase::Malformed { declared, received };
+        self.held = None;
         self.guard = None;
         if let Some(m) = &self.malformed {
             m.record();
@@ -242,15 +251,22 @@ impl<R: H3Recv> Body for H3Body<R> {
                         Ok(Some(chunk)) if chunk.is_empty() => continue,
                         Ok(Some(chunk)) => {
                             let received = this.received.saturating_add(chunk.len() as u64);
-                            if let Some(declared) = this.declared {
-                                if received > declared {
-                                    let e = this.length_mismatch(declared, received);
-                                    return Poll::Ready(Some(Err(e)));
-                                }
-                                this.size_hint = SizeHint::with_exact(declared - received);
-                            }
                             this.received = received;
-                            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                            let Some(declared) = this.declared else {
+                                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                            };
+                            // Past a held chunk, any DATA overshoots.
+                            if received > declared {
+                                let e = this.length_mismatch(declared, received);
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            if received < declared {
+                                this.size_hint = SizeHint::with_exact(declared - received);
+                                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                            }
+                            // Still to yield: this chunk, once the end is seen.
+                            this.size_hint = SizeHint::with_exact(chunk.len() as u64);
+                            this.held = Some(chunk);
                         }
                         Ok(None) => {
                             if let Some(declared) = this.declared
@@ -260,6 +276,10 @@ impl<R: H3Recv> Body for H3Body<R> {
                                 return Poll::Ready(Some(Err(e)));
                             }
                             this.phase = RecvPhase::Trailers;
+                            if let Some(last) = this.held.take() {
+                                this.size_hint = SizeHint::with_exact(0);
+                                return Poll::Ready(Some(Ok(Frame::data(last))));
+                            }
                         }
                         Err(e) => {
                             this.finish();
@@ -837,10 +857,11 @@ mod tests {
         let (recv, stopped) = scripted(&[3], None);
         drop(H3Body::new(recv, Some(3), None));
         assert_eq!(*stopped.lock().unwrap(), Some(H3_REQUEST_CANCELLED));
-        // A consumer that stops after the declared bytes (as hyper does)
-        // while h3 may still have a read outstanding: no STOP_SENDING.
-        let (recv, stopped) = scripted(&[3], None);
-        let mut body = H3Body::enforcing(recv, Some(3), MalformedBody::default());
+        // A body without a declared length, whose consumer stops after a
+        // chunk while h3 may still have a read outstanding: no
+        // STOP_SENDING.
+        let (recv, stopped) = scripted(&[3, 3], None);
+        let mut body = H3Body::enforcing(recv, None, MalformedBody::default());
         assert_eq!(
             body.frame()
                 .await
@@ -853,6 +874,34 @@ mod tests {
         );
         drop(body);
         assert_eq!(*stopped.lock().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_chunk_that_completes_the_length_waits_for_the_end_of_data() {
+        // Extra DATA after exactly the declared bytes: the consumer never
+        // gets the declared length (hyper would stop there and complete
+        // the request), only the error.
+        let (recv, stopped) = scripted(&[2, 3, 1], None);
+        let malformed = MalformedBody::default();
+        let mut body = H3Body::enforcing(recv, Some(5), malformed.clone());
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.len(), 2);
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(mismatch(&err), Some((5, 6)), "{err}");
+        assert!(malformed.detected());
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), None, "the stream may be lent");
+        // The same length ending there: the held chunk comes with the end,
+        // and a consumer that stops at the declared length may tell the
+        // peer it has finished reading (the read is no longer lent).
+        let (recv, stopped) = scripted(&[2, 3], None);
+        let mut body = H3Body::enforcing(recv, Some(5), MalformedBody::default());
+        body.frame().await.unwrap().unwrap();
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last.len(), 3);
+        assert_eq!(body.size_hint().exact(), Some(0));
+        drop(body);
+        assert_eq!(*stopped.lock().unwrap(), Some(H3_NO_ERROR));
     }
 
     #[tokio::test]

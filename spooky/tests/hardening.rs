@@ -536,6 +536,13 @@ fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
             declaring("6"),
             vec!["hello", "world"],
         ),
+        // The first frame is exactly the declared length: hyper would
+        // send it and complete the request without reading further.
+        (
+            "extra DATA after the declared length",
+            declaring("5"),
+            vec!["hello", "world"],
+        ),
     ];
     for ((case, fields, data), how) in cases
         .iter()
@@ -594,6 +601,7 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
     let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
         ("short", declaring("10"), vec!["hello"]),
         ("long", declaring("6"), vec!["hello", "world"]),
+        ("extra DATA", declaring("5"), vec!["hello", "world"]),
     ];
     for (case, fields, data) in &cases {
         let outcome = send_raw_with(&sp, fields, data, Send::Paced);
@@ -614,7 +622,7 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
         .into_iter()
         .filter(|l| l.contains("spooky::access") && l.contains("path=/sink"))
         .collect();
-    assert_eq!(sinks.len(), 3, "{sinks:#?}");
+    assert_eq!(sinks.len(), 4, "{sinks:#?}");
     let ok = sinks.iter().filter(|l| l.contains("status=200")).count();
     assert_eq!(ok, 1, "only the exact body may complete: {sinks:#?}");
     assert_no_panic(&sp);
