@@ -15,6 +15,10 @@ pub const MAX_LISTEN_PORTS: u32 = 64;
 pub const PORT_SET_WORDS: usize = 65536 / 64;
 /// Bytes the CPUMAP queues per CPU before it drops.
 pub const CPUMAP_QUEUE_SIZE: u32 = 2048;
+/// Client sources whose Initial rate the XDP program tracks at once (an
+/// LRU map: under a spoofed flood the oldest sources are forgotten, and a
+/// forgotten source starts again with a full burst).
+pub const MAX_INITIAL_SOURCES: u32 = 65536;
 
 /// Map names in the object file; the loader looks them up by these.
 pub mod names {
@@ -34,6 +38,12 @@ pub mod names {
     pub const CPUMAP: &str = "spooky_cpumap";
     /// `BPF_MAP_TYPE_PERCPU_ARRAY[XdpCounter::COUNT]` of `u64`.
     pub const COUNTERS: &str = "spooky_counters";
+    /// `BPF_MAP_TYPE_ARRAY[1]`: [`super::InitialLimit`].
+    pub const INITIAL_LIMIT: &str = "spooky_initial_limit";
+    /// `BPF_MAP_TYPE_LRU_HASH[MAX_INITIAL_SOURCES]`: [`super::SourcePrefix`]
+    /// → the time (`bpf_ktime_get_ns`) from which the source's next Initial
+    /// is on schedule.
+    pub const INITIAL_SOURCES: &str = "spooky_initial_sources";
     /// The XDP entry point.
     pub const PROGRAM: &str = "spooky_xdp";
 }
@@ -106,6 +116,64 @@ pub struct WorkerSlot {
     pub state: u32,
 }
 
+/// The per-source limit on new-connection Initials (single entry at index
+/// 0), as a GCRA: each Initial moves the source's schedule `interval_ns`
+/// ahead, and one that would put it more than `burst_ns` ahead of now is
+/// dropped. `interval_ns == 0` disables the limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InitialLimit {
+    /// Nanoseconds per Initial at the sustained rate.
+    pub interval_ns: u64,
+    /// How far ahead of now a source's schedule may run: `(burst - 1) ×
+    /// interval_ns` lets `burst` Initials through at once.
+    pub burst_ns: u64,
+}
+
+impl InitialLimit {
+    /// The limit for `per_second` sustained Initials and bursts of `burst`
+    /// (at least 1); `None` when the rate is not positive and finite.
+    pub fn new(per_second: f64, burst: u32) -> Option<Self> {
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return None;
+        }
+        // `as` saturates; + 0.5 rounds (no `f64::round` without std).
+        let interval_ns = ((1e9 / per_second + 0.5) as u64).max(1);
+        let burst_ns = interval_ns.saturating_mul(u64::from(burst.max(1) - 1));
+        Some(Self {
+            interval_ns,
+            burst_ns,
+        })
+    }
+}
+
+/// The key of a client source in the Initial-rate map: an IPv4 address as
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`), an IPv6 address cut to its /64
+/// (what one subscriber usually holds), so a client cannot dodge the
+/// limit by walking its own prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourcePrefix {
+    /// The 16 address octets, network order.
+    pub octets: [u8; 16],
+}
+
+impl SourcePrefix {
+    /// The key the XDP program uses for `ip`.
+    pub fn of(ip: core::net::IpAddr) -> Self {
+        let mut octets = [0u8; 16];
+        match ip {
+            core::net::IpAddr::V4(v4) => {
+                octets[10] = 0xff;
+                octets[11] = 0xff;
+                octets[12..].copy_from_slice(&v4.octets());
+            }
+            core::net::IpAddr::V6(v6) => octets[..8].copy_from_slice(&v6.octets()[..8]),
+        }
+        Self { octets }
+    }
+}
+
 /// Lifecycle of a worker as the XDP program sees it.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,11 +220,14 @@ pub enum XdpCounter {
     DropBadLongHeader = 12,
     /// `bpf_redirect_map` failed: `XDP_PASS`.
     RedirectFailed = 13,
+    /// Dropped: a new-connection Initial beyond its source's rate
+    /// ([`InitialLimit`]).
+    DropInitialRate = 14,
 }
 
 impl XdpCounter {
     /// Number of counters (the counter map's size).
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Every counter in index order.
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
@@ -174,6 +245,7 @@ impl XdpCounter {
         XdpCounter::DropSmallInitial,
         XdpCounter::DropBadLongHeader,
         XdpCounter::RedirectFailed,
+        XdpCounter::DropInitialRate,
     ];
 
     /// Stable snake_case name, used as the metrics label.
@@ -193,6 +265,7 @@ impl XdpCounter {
             XdpCounter::DropSmallInitial => "drop_small_initial",
             XdpCounter::DropBadLongHeader => "drop_bad_long_header",
             XdpCounter::RedirectFailed => "redirect_failed",
+            XdpCounter::DropInitialRate => "drop_initial_rate",
         }
     }
 }
@@ -201,6 +274,8 @@ impl XdpCounter {
 const _: () = assert!(size_of::<SteeringConfig>() == 16);
 const _: () = assert!(size_of::<WorkerSlot>() == 8);
 const _: () = assert!(size_of::<PortSet>() == 8192);
+const _: () = assert!(size_of::<InitialLimit>() == 16);
+const _: () = assert!(size_of::<SourcePrefix>() == 16);
 const _: () = assert!(XdpCounter::ALL.len() == XdpCounter::COUNT as usize);
 
 #[cfg(feature = "aya")]
@@ -210,6 +285,8 @@ mod pod {
     unsafe impl aya::Pod for super::SteeringConfig {}
     unsafe impl aya::Pod for super::WorkerSlot {}
     unsafe impl aya::Pod for super::PortSet {}
+    unsafe impl aya::Pod for super::InitialLimit {}
+    unsafe impl aya::Pod for super::SourcePrefix {}
 }
 
 #[cfg(test)]
@@ -229,6 +306,33 @@ mod tests {
         assert!(!ports.contains(442) && !ports.contains(444));
         ports.remove(443);
         assert!(!ports.contains(443) && ports.contains(4433));
+    }
+
+    #[test]
+    fn initial_limit_from_rate_and_burst() {
+        let l = InitialLimit::new(100.0, 20).unwrap();
+        assert_eq!(l.interval_ns, 10_000_000);
+        assert_eq!(l.burst_ns, 19 * 10_000_000);
+        assert_eq!(InitialLimit::new(3.0, 0).unwrap().burst_ns, 0);
+        assert_eq!(InitialLimit::new(1e12, 1).unwrap().interval_ns, 1);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(InitialLimit::new(bad, 1), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn source_prefixes() {
+        let v4 = SourcePrefix::of("198.18.0.7".parse().unwrap());
+        assert_eq!(
+            v4.octets,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 7]
+        );
+        let a = SourcePrefix::of("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = SourcePrefix::of("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = SourcePrefix::of("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b, "one /64");
+        assert_ne!(a, c);
+        assert_eq!(a.octets[8..], [0; 8]);
     }
 
     #[test]

@@ -40,6 +40,21 @@ struct spooky_port_set {
 };
 _Static_assert(sizeof(struct spooky_port_set) == 8192, "PortSet is 8192 bytes");
 
+/* spooky_common::maps::InitialLimit; interval_ns == 0: no limit. */
+struct spooky_initial_limit {
+	__u64 interval_ns;
+	__u64 burst_ns;
+};
+_Static_assert(sizeof(struct spooky_initial_limit) == 16, "InitialLimit is 16 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_initial_limit, burst_ns) == 8,
+	       "InitialLimit::burst_ns");
+
+/* spooky_common::maps::SourcePrefix: IPv4-mapped IPv4, or an IPv6 /64. */
+struct spooky_source_prefix {
+	__u8 octets[16];
+};
+_Static_assert(sizeof(struct spooky_source_prefix) == 16, "SourcePrefix is 16 bytes");
+
 /*
  * Single entry: the UDP listener ports (host byte order). A bitmap in an
  * array because the JIT inlines array lookups; a hash map keyed by port
@@ -95,5 +110,26 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } spooky_counters SEC(".maps");
+
+/* Single entry: the per-source limit on new-connection Initials. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct spooky_initial_limit);
+} spooky_initial_limit SEC(".maps");
+
+/*
+ * Source prefix -> the time (bpf_ktime_get_ns) from which its next Initial
+ * is on schedule. LRU: a spoofed flood of fresh sources evicts the oldest
+ * entries instead of failing inserts, and an evicted source merely starts
+ * again with a full burst.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SPOOKY_MAX_INITIAL_SOURCES);
+	__type(key, struct spooky_source_prefix);
+	__type(value, __u64);
+} spooky_initial_sources SEC(".maps");
 
 #endif /* SPOOKY_MAPS_H */

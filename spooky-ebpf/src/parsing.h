@@ -18,6 +18,8 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "maps.h"
+
 /* Not in the uapi headers (netinet/ip.h has them, but is not for BPF). */
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
@@ -129,6 +131,33 @@ static __always_inline __u32 udp_payload_len(const struct udphdr *udp,
 
 	len = len >= sizeof(*udp) ? len - sizeof(*udp) : 0;
 	return len < avail ? len : avail;
+}
+
+/*
+ * The source prefix of an IPv4 header parse_iphdr accepted: the address as
+ * ::ffff:a.b.c.d. The bounds are checked again for the verifier.
+ */
+static __always_inline int source_prefix_v4(struct spooky_source_prefix *key,
+					    const struct iphdr *iph, void *data_end)
+{
+	if ((void *)(iph + 1) > data_end)
+		return -1;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->octets[10] = 0xff;
+	key->octets[11] = 0xff;
+	__builtin_memcpy(&key->octets[12], &iph->saddr, 4);
+	return 0;
+}
+
+/* The source prefix of an IPv6 header: its /64. */
+static __always_inline int source_prefix_v6(struct spooky_source_prefix *key,
+					    const struct ipv6hdr *ip6h, void *data_end)
+{
+	if ((void *)(ip6h + 1) > data_end)
+		return -1;
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(key->octets, &ip6h->saddr, 8);
+	return 0;
 }
 
 #endif /* SPOOKY_PARSING_H */

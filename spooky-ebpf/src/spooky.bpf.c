@@ -7,6 +7,7 @@
  *   short header, our CID            -> owner's CPU
  *   long header, our CID             -> owner's CPU
  *   long header, client-chosen DCID  -> hash(DCID) mod live workers
+ *   ... an Initial beyond its source's rate (when limited) -> XDP_DROP
  *   our CID naming an absent worker  -> the same hash (UnknownWorker)
  *   cannot be QUIC                   -> XDP_DROP
  *   anything else                    -> XDP_PASS
@@ -97,6 +98,41 @@ static __noinline int steer_by_hash(const struct spooky_config *cfg,
 }
 
 /*
+ * Whether a new-connection Initial from src is within the per-source rate
+ * (a GCRA: the source's schedule moves interval_ns ahead per Initial and
+ * may run at most burst_ns ahead of now). Only Initials that open a
+ * connection count: those of a handshake in progress, and those after a
+ * Retry, carry a CID of ours and are never limited here.
+ *
+ * Two CPUs updating one source at once may both pass; the limit is then
+ * exceeded by at most one Initial per racing CPU, which is cheaper than a
+ * lock per packet.
+ */
+static __always_inline int initial_within_rate(const struct spooky_source_prefix *src)
+{
+	const struct spooky_initial_limit *limit;
+	__u64 now, next, *sched;
+	__u32 zero = 0;
+
+	limit = bpf_map_lookup_elem(&spooky_initial_limit, &zero);
+	if (!limit || limit->interval_ns == 0)
+		return 1;
+	now = bpf_ktime_get_ns();
+	sched = bpf_map_lookup_elem(&spooky_initial_sources, src);
+	if (!sched) {
+		next = now + limit->interval_ns;
+		/* A full map evicts its least recently used source. */
+		bpf_map_update_elem(&spooky_initial_sources, src, &next, BPF_ANY);
+		return 1;
+	}
+	next = *sched > now ? *sched : now;
+	if (next - now > limit->burst_ns)
+		return 0;
+	*sched = next + limit->interval_ns;
+	return 1;
+}
+
+/*
  * Routes a DCID: to its owner when it is ours and the owner exists, else by
  * hash. A CID of ours whose worker is gone (restart, scale-down) counts as
  * UnknownWorker whatever the hash then picks.
@@ -150,7 +186,8 @@ static __always_inline int steer_short(const struct spooky_config *cfg, const __
 }
 
 static __always_inline int steer_long(const struct spooky_config *cfg, const __u8 *q,
-				      __u32 len, void *data_end)
+				      __u32 len, void *data_end,
+				      const struct spooky_source_prefix *src)
 {
 	struct quic_cid cid;
 	__u32 version, dcid_len;
@@ -173,6 +210,9 @@ static __always_inline int steer_long(const struct spooky_config *cfg, const __u
 		return verdict(SPOOKY_CTR_DROP_SMALL_INITIAL, XDP_DROP);
 	if (quic_load_cid(&cid, q + QUIC_LONG_DCID_OFF, dcid_len, data_end) < 0)
 		return verdict(SPOOKY_CTR_DROP_BAD_LONG_HEADER, XDP_DROP);
+	if (quic_is_initial(first, version) && quic_cid_worker(cfg, &cid) < 0 &&
+	    !initial_within_rate(src))
+		return verdict(SPOOKY_CTR_DROP_INITIAL_RATE, XDP_DROP);
 
 	/*
 	 * Once the client has the server's first flight, every long header it
@@ -192,7 +232,9 @@ int spooky_xdp(struct xdp_md *ctx)
 	struct hdr_cursor nh = { .pos = (void *)(long)ctx->data };
 	const struct spooky_config *cfg;
 	const struct spooky_port_set *ports;
+	struct spooky_source_prefix src;
 	struct udphdr *udp;
+	void *l3;
 	__u32 zero = 0, len;
 	__u16 port;
 	int eth_type, ip_proto;
@@ -204,12 +246,18 @@ int spooky_xdp(struct xdp_md *ctx)
 		return verdict(SPOOKY_CTR_PASS_OTHER, XDP_PASS);
 
 	eth_type = parse_ethhdr(&nh, data_end);
-	if (eth_type == bpf_htons(ETH_P_IP))
+	l3 = nh.pos;
+	if (eth_type == bpf_htons(ETH_P_IP)) {
 		ip_proto = parse_iphdr(&nh, data_end);
-	else if (eth_type == bpf_htons(ETH_P_IPV6))
+		if (ip_proto == IPPROTO_UDP && source_prefix_v4(&src, l3, data_end) < 0)
+			ip_proto = -1;
+	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
 		ip_proto = parse_ip6hdr(&nh, data_end);
-	else
+		if (ip_proto == IPPROTO_UDP && source_prefix_v6(&src, l3, data_end) < 0)
+			ip_proto = -1;
+	} else {
 		return verdict(SPOOKY_CTR_PASS_OTHER, XDP_PASS);
+	}
 	if (ip_proto != IPPROTO_UDP)
 		return verdict(SPOOKY_CTR_PASS_OTHER, XDP_PASS);
 
@@ -227,7 +275,7 @@ int spooky_xdp(struct xdp_md *ctx)
 	if (len < 1 || (void *)(q + 1) > data_end)
 		return verdict(SPOOKY_CTR_DROP_TOO_SHORT, XDP_DROP);
 	if (q[0] & QUIC_FORM_LONG)
-		return steer_long(cfg, q, len, data_end);
+		return steer_long(cfg, q, len, data_end, &src);
 	return steer_short(cfg, q, len, data_end);
 }
 

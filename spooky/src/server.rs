@@ -126,6 +126,12 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
         }
     }
     info!(mode = mode.name(), reason = %why, workers = n, "packet steering");
+    if mode != Effective::Xdp && config.steering.initials_per_source.is_some() {
+        warn!(
+            mode = mode.name(),
+            "steering.initials_per_source is not enforced: only the XDP program enforces it"
+        );
+    }
     // HTTP/2 + HTTP/1.1 over TLS on the same port number (TCP).
     let tcp_listeners = if config.listen.tcp {
         let addr = std::net::SocketAddr::new(config.listen.addr.ip(), port);
@@ -301,6 +307,14 @@ pub fn run(config: Config, path: &Path) -> Result<(), ServerError> {
 
 fn install_xdp(config: &Config, port: u16) -> Result<XdpSteering, steering::xdp::XdpError> {
     let mut x = XdpSteering::load(&config.steering.layout, &[port])?;
+    x.set_initial_limit(config.steering.initials_per_source)?;
+    if let Some(l) = config.steering.initials_per_source {
+        info!(
+            interval_ns = l.interval_ns,
+            burst_ns = l.burst_ns,
+            "XDP limits new-connection Initials per source"
+        );
+    }
     for iface in &config.steering.interfaces {
         let how = x.attach(iface)?;
         info!(interface = %iface, mode = ?how, "XDP program attached");

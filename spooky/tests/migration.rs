@@ -230,7 +230,7 @@ fn run_mode(mode: &'static str) -> Option<ModeRun> {
     let outcomes = run_clients(&net, &sp);
     let elapsed = started.elapsed();
 
-    let xdp_counters = (mode == "xdp").then(|| read_xdp_counters(&net));
+    let xdp_counters = (mode == "xdp").then(|| net.server_xdp_counters());
     check_access_log(&sp, &net, &outcomes);
 
     let completed = outcomes.iter().filter(|o| o.error.is_none()).count();
@@ -483,44 +483,4 @@ fn check_access_log(sp: &Spooky, net: &VethPair, outcomes: &[Outcome]) {
             );
         }
     }
-}
-
-/// The XDP program's counters, summed over CPUs, read from the maps of
-/// the program attached to the server's veth.
-fn read_xdp_counters(net: &VethPair) -> Vec<(&'static str, u64)> {
-    use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
-    use spooky_common::maps::{XdpCounter, names};
-
-    let prog_id = net
-        .server_xdp_program()
-        .expect("XDP program attached to the server veth");
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == prog_id)
-        .unwrap_or_else(|| panic!("program {prog_id} not loaded"));
-    let map_id = info
-        .map_ids()
-        .unwrap()
-        .unwrap_or_default()
-        .into_iter()
-        .find(|&id| {
-            MapInfo::from_id(id)
-                .ok()
-                .and_then(|m| m.name_as_str().map(|n| n == names::COUNTERS))
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("program {prog_id} has no {} map", names::COUNTERS));
-    let map = Map::from_map_data(MapData::from_id(map_id).unwrap()).unwrap();
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map).unwrap();
-    XdpCounter::ALL
-        .iter()
-        .map(|&c| {
-            let total = counters
-                .get(&(c as u32), 0)
-                .unwrap()
-                .iter()
-                .fold(0u64, |a, v| a.wrapping_add(*v));
-            (c.name(), total)
-        })
-        .collect()
 }

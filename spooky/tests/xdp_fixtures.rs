@@ -22,7 +22,9 @@ use packets::*;
 use spooky::steering::xdp::{XdpSteering, action};
 use spooky_common::{
     CidLayout, initial_dcid_hash,
-    maps::{CPUMAP_QUEUE_SIZE, SteeringConfig, WorkerSlot, WorkerState, XdpCounter, names},
+    maps::{
+        CPUMAP_QUEUE_SIZE, InitialLimit, SteeringConfig, WorkerSlot, WorkerState, XdpCounter, names,
+    },
 };
 
 const PORT: u16 = 4433;
@@ -846,6 +848,192 @@ fn xdp_fixture_table() {
         "fixture failures:\n{}",
         failures.join("\n")
     );
+}
+
+/// The per-source limit on new-connection Initials: a source gets its
+/// burst, then drops (counted) until its schedule allows the next; other
+/// sources, one IPv6 /64 as one source, Initials of handshakes in progress
+/// (our CID) and every other packet are untouched; lifting the limit lets
+/// the source through again.
+#[test]
+fn initials_beyond_a_sources_rate_are_dropped() {
+    if !privilege::require_root("initials_beyond_a_sources_rate_are_dropped") {
+        return;
+    }
+    pin_to_cpu0();
+    // One live worker on this CPU: a passed Initial is XDP_PASS locally.
+    let setup = Setup::with(&[(0, 0, WorkerState::Live)]);
+    let mut steering = load(&setup, &[0].into());
+    // 1 per second, bursts of 4: nothing refills during the test's
+    // milliseconds of runs.
+    steering
+        .set_initial_limit(InitialLimit::new(1.0, 4))
+        .unwrap();
+
+    let hashed = hashed_to(0);
+    let limited = drop(XdpCounter::DropInitialRate);
+    let new_conn = initial(&client_dcid(900, 8), 1200);
+    let mut failures = Vec::new();
+    let mut check = |steering: &XdpSteering, name: &str, frame: &[u8], runs: u64, want: Expect| {
+        let before = steering.counters().unwrap();
+        let actions: Vec<u32> = (0..runs)
+            .map(|_| {
+                steering
+                    .test_run(frame, 1)
+                    .expect("BPF_PROG_TEST_RUN")
+                    .action
+            })
+            .collect();
+        let after = steering.counters().unwrap();
+        let delta: Vec<(XdpCounter, u64)> = XdpCounter::ALL
+            .iter()
+            .map(|&c| (c, after[c as usize] - before[c as usize]))
+            .filter(|&(_, d)| d != 0)
+            .collect();
+        let ok = actions.iter().all(|&a| a == want.action) && delta == vec![(want.counter, runs)];
+        println!("{name:<60} {}", if ok { "ok" } else { "FAIL" });
+        if !ok {
+            failures.push(format!(
+                "{name}: expected {} + {} x{runs}, got {:?} and {delta:?}",
+                action_name(want.action),
+                want.counter.name(),
+                actions.iter().map(|&a| action_name(a)).collect::<Vec<_>>()
+            ));
+        }
+    };
+
+    let a4 = v4().with_source(0, 10);
+    check(
+        &steering,
+        "v4 source A: its burst of 4 passes",
+        &a4.udp(&new_conn),
+        4,
+        hashed,
+    );
+    check(
+        &steering,
+        "v4 source A: then dropped",
+        &a4.udp(&new_conn),
+        3,
+        limited,
+    );
+    check(
+        &steering,
+        "v4 source A: a new DCID is no way round",
+        &a4.udp(&initial(&client_dcid(901, 16), 1300)),
+        1,
+        limited,
+    );
+    check(
+        &steering,
+        "v4 source B: its own burst",
+        &v4().with_source(0, 11).udp(&new_conn),
+        4,
+        hashed,
+    );
+    check(
+        &steering,
+        "v4 source A: an Initial to our CID (handshake in progress)",
+        &a4.udp(&initial(&our_cid(0, 902), 1200)),
+        2,
+        ours_long_to(0),
+    );
+    check(
+        &steering,
+        "v4 source A: a Handshake packet",
+        &a4.udp(&quic_long(
+            LongType::Handshake,
+            QUIC_V1,
+            &client_dcid(903, 8),
+            &[7; 8],
+            200,
+            true,
+        )),
+        1,
+        hashed,
+    );
+    check(
+        &steering,
+        "v4 source A: a short header",
+        &a4.udp(&quic_short(&our_cid(0, 904), 60, true)),
+        1,
+        short_to(0),
+    );
+    check(
+        &steering,
+        "v4 source A: a small Initial is still dropped as small",
+        &a4.udp(&initial(&client_dcid(905, 8), 900)),
+        1,
+        drop(XdpCounter::DropSmallInitial),
+    );
+    let a6 = v6().with_source(5, 1);
+    check(
+        &steering,
+        "v6 2001:2:0:5::1: burst",
+        &a6.udp(&new_conn),
+        4,
+        hashed,
+    );
+    check(
+        &steering,
+        "v6 2001:2:0:5::1: then dropped",
+        &a6.udp(&new_conn),
+        1,
+        limited,
+    );
+    check(
+        &steering,
+        "v6 2001:2:0:5::2: the same /64, dropped",
+        &v6().with_source(5, 2).udp(&new_conn),
+        1,
+        limited,
+    );
+    check(
+        &steering,
+        "v6 2001:2:0:6::1: another /64",
+        &v6().with_source(6, 1).udp(&new_conn),
+        1,
+        hashed,
+    );
+
+    // 10 per second, no burst: the next Initial is due 100 ms later.
+    steering
+        .set_initial_limit(InitialLimit::new(10.0, 1))
+        .unwrap();
+    let c4 = v4().with_source(0, 12);
+    check(
+        &steering,
+        "v4 source C at 10/s: the first passes",
+        &c4.udp(&new_conn),
+        1,
+        hashed,
+    );
+    check(
+        &steering,
+        "v4 source C at 10/s: at once, dropped",
+        &c4.udp(&new_conn),
+        1,
+        limited,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    check(
+        &steering,
+        "v4 source C at 10/s: 150 ms later, passes",
+        &c4.udp(&new_conn),
+        1,
+        hashed,
+    );
+
+    steering.set_initial_limit(None).unwrap();
+    check(
+        &steering,
+        "limit lifted: source A passes",
+        &a4.udp(&new_conn),
+        5,
+        hashed,
+    );
+
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }
 
 /// The control plane's own map maintenance: live list in worker order,

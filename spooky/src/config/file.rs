@@ -359,6 +359,9 @@ pub struct SteeringConfig {
     pub config_id: u8,
     /// Pin worker threads to CPUs (required by `xdp`).
     pub pin_workers: bool,
+    /// New-connection Initials per client source (IPv4 address, IPv6 /64)
+    /// that the XDP program lets through; unset = unlimited. XDP mode only.
+    pub initials_per_source: Option<RateConfig>,
 }
 
 impl Default for SteeringConfig {
@@ -370,6 +373,7 @@ impl Default for SteeringConfig {
             node_id: "0000".into(),
             config_id: 0,
             pin_workers: true,
+            initials_per_source: None,
         }
     }
 }

@@ -182,6 +182,8 @@ pub struct Steering {
     pub interfaces: Vec<String>,
     pub layout: CidLayout,
     pub pin_workers: bool,
+    /// The XDP program's per-source limit on new-connection Initials.
+    pub initials_per_source: Option<spooky_common::maps::InitialLimit>,
 }
 
 /// Limits.
@@ -611,6 +613,22 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             );
         }
     }
+    let initials_per_source = s
+        .initials_per_source
+        .as_ref()
+        .and_then(|r| check_rate(&mut c, r, "steering.initials_per_source"))
+        .and_then(|r| {
+            // check_rate bounds the rate; the burst fits u32 (as_ saturates).
+            spooky_common::maps::InitialLimit::new(r.per_second, r.burst as u32)
+        });
+    if initials_per_source.is_some()
+        && matches!(s.mode, SteeringMode::Reuseport | SteeringMode::Off)
+    {
+        c.err(
+            "steering.initials_per_source",
+            "only the XDP program enforces it: set `mode: xdp` (or `auto` with interfaces), or remove it; `limits.handshakes` and `limits.retry_threshold` work in every mode",
+        );
+    }
     if s.mode == SteeringMode::Xdp {
         if s.interfaces.is_empty() {
             c.err(
@@ -687,6 +705,7 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             interfaces: s.interfaces.clone(),
             layout,
             pin_workers: s.pin_workers,
+            initials_per_source,
         },
         log: Log {
             level: level.to_owned(),

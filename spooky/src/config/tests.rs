@@ -339,3 +339,43 @@ fn limits_and_rates_are_validated() {
     assert!(!c.listen.early_data);
     assert_eq!(c.limits.retry_threshold, 64);
 }
+
+#[test]
+fn initials_per_source_is_an_xdp_limit() {
+    let xdp = |rate: &str| {
+        format!(
+            "{MINIMAL}steering: {{ mode: xdp, interfaces: [lo], initials_per_source: {rate} }}\n"
+        )
+    };
+    let c = ok(&xdp("{ per_second: 50, burst: 10 }"));
+    let limit = c.steering.initials_per_source.unwrap();
+    assert_eq!(limit.interval_ns, 20_000_000);
+    assert_eq!(limit.burst_ns, 9 * 20_000_000);
+    // Auto may become XDP at start-up; the default burst is a second's worth.
+    let auto = ok(&format!(
+        "{MINIMAL}steering: {{ initials_per_source: {{ per_second: 4 }} }}\n"
+    ));
+    assert_eq!(
+        auto.steering.initials_per_source.unwrap().burst_ns,
+        3 * 250_000_000
+    );
+    assert!(ok(MINIMAL).steering.initials_per_source.is_none());
+
+    has(
+        &errors(&xdp("{ per_second: 0 }")),
+        "steering.initials_per_source.per_second",
+        "positive",
+    );
+    has(
+        &errors(&xdp("{ per_second: 5, burst: 0 }")),
+        "steering.initials_per_source.burst",
+        "at least 1",
+    );
+    has(
+        &errors(&format!(
+            "{MINIMAL}steering: {{ mode: reuseport, initials_per_source: {{ per_second: 5 }} }}\n"
+        )),
+        "steering.initials_per_source",
+        "only the XDP program enforces it",
+    );
+}

@@ -231,6 +231,7 @@ mod tests {
             interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
             layout: CidLayout::new(0, &[0, 0], 12).unwrap(),
             pin_workers: true,
+            initials_per_source: None,
         }
     }
 

@@ -25,8 +25,8 @@ use aya::{
 use spooky_common::{
     CidLayout,
     maps::{
-        CPUMAP_QUEUE_SIZE, MAX_CPUS, MAX_LISTEN_PORTS, MAX_WORKERS, PortSet, SteeringConfig,
-        WorkerSlot, WorkerState, XdpCounter, names,
+        CPUMAP_QUEUE_SIZE, InitialLimit, MAX_CPUS, MAX_LISTEN_PORTS, MAX_WORKERS, PortSet,
+        SteeringConfig, WorkerSlot, WorkerState, XdpCounter, names,
     },
 };
 use tracing::{info, warn};
@@ -388,6 +388,18 @@ impl XdpSteering {
             "XDP steering enabled"
         );
         Ok(())
+    }
+
+    /// Sets the per-source limit on new-connection Initials (see
+    /// [`InitialLimit`]); `None` lifts it. Sources already tracked keep
+    /// their schedule.
+    pub fn set_initial_limit(&mut self, limit: Option<InitialLimit>) -> Result<(), XdpError> {
+        let map = map_mut(&mut self.ebpf, names::INITIAL_LIMIT)?;
+        let mut array: Array<&mut MapData, InitialLimit> =
+            Array::try_from(map).map_err(|e| map_err(names::INITIAL_LIMIT, "open", &e))?;
+        array
+            .set(0, limit.unwrap_or_default(), 0)
+            .map_err(|e| map_err(names::INITIAL_LIMIT, "write", &e))
     }
 
     /// Stops steering (`enabled = 0`) without detaching: every packet is

@@ -1,7 +1,8 @@
 """A bounded handshake flood for tests: opens COUNT QUIC handshakes (real
 aioquic Initials, ALPN h3) towards HOST:PORT and never answers the
-server's flight, leaving every one half-open. Loopback only: the test
-passes spooky's address.
+server's flight, leaving every one half-open. Only towards loopback or
+the 198.18.0.0/15 addresses of a namespace the test created: the test
+passes spooky's address (and, in a namespace, the source to bind).
 
 Prints one JSON line: bytes and datagrams sent and received, Retry
 packets received, and the worst ratio of received to sent bytes, per
@@ -27,6 +28,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bind", default="127.0.0.1", help="the flood's source address")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--sockets", type=int, default=100)
     p.add_argument("--listen-s", type=float, default=3.0)
@@ -36,7 +38,7 @@ def main():
 
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(a.sockets)]
     for s in socks:
-        s.bind(("127.0.0.1", 0))
+        s.bind((a.bind, 0))
         s.setblocking(False)
     sent = {s.fileno(): 0 for s in socks}
     recv = {s.fileno(): 0 for s in socks}

@@ -18,9 +18,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const QUIC_V1: u32 = 1;
 pub const QUIC_V2: u32 = 0x6b33_43cf;
 
-const SRC4: [u8; 4] = [198, 18, 0, 1];
 const DST4: [u8; 4] = [198, 18, 0, 2];
-const SRC6: [u8; 16] = [0x20, 0x01, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const DST6: [u8; 16] = [0x20, 0x01, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
 /// The network layer of a frame.
@@ -57,6 +55,9 @@ pub struct Frame {
     pub dst_port: u16,
     /// Bytes appended after the IP packet (Ethernet padding).
     pub trailer: usize,
+    /// The source: 198.18.`net`.`host`, or 2001:2:0:`net`::`host`.
+    pub src_net: u8,
+    pub src_host: u8,
 }
 
 impl Frame {
@@ -67,7 +68,27 @@ impl Frame {
             src_port: 50_000,
             dst_port,
             trailer: 0,
+            src_net: 0,
+            src_host: 1,
         }
+    }
+
+    /// From another source address (see `src_net`, `src_host`).
+    pub fn with_source(mut self, net: u8, host: u8) -> Self {
+        self.src_net = net;
+        self.src_host = host;
+        self
+    }
+
+    fn src4(&self) -> [u8; 4] {
+        [198, 18, self.src_net, self.src_host]
+    }
+
+    fn src6(&self) -> [u8; 16] {
+        let mut a = [0x20, 0x01, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a[7] = self.src_net;
+        a[15] = self.src_host;
+        a
     }
 
     pub fn vlan(mut self, tpid: u16, id: u16) -> Self {
@@ -143,7 +164,7 @@ impl Frame {
                 f.push(64);
                 f.push(proto);
                 f.extend_from_slice(&[0, 0]);
-                f.extend_from_slice(&SRC4);
+                f.extend_from_slice(&self.src4());
                 f.extend_from_slice(&DST4);
                 f.extend_from_slice(options);
                 let sum = checksum(&f[start..], 0);
@@ -156,7 +177,7 @@ impl Frame {
                 f.extend_from_slice(&((ext_len + l4.len()) as u16).to_be_bytes());
                 f.push(if *hop_by_hop { 0 } else { proto });
                 f.push(64);
-                f.extend_from_slice(&SRC6);
+                f.extend_from_slice(&self.src6());
                 f.extend_from_slice(&DST6);
                 if *hop_by_hop {
                     // Next header, length 0 (8 bytes), PadN of 4.
@@ -173,13 +194,13 @@ impl Frame {
         let mut pseudo = Vec::with_capacity(40);
         match self.ip {
             Ip::V4 { .. } => {
-                pseudo.extend_from_slice(&SRC4);
+                pseudo.extend_from_slice(&self.src4());
                 pseudo.extend_from_slice(&DST4);
                 pseudo.extend_from_slice(&[0, proto]);
                 pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
             }
             Ip::V6 { .. } => {
-                pseudo.extend_from_slice(&SRC6);
+                pseudo.extend_from_slice(&self.src6());
                 pseudo.extend_from_slice(&DST6);
                 pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
                 pseudo.extend_from_slice(&[0, 0, 0, proto]);
@@ -192,10 +213,11 @@ impl Frame {
 
 /// An ARP request (not IP at all).
 pub fn arp_frame() -> Vec<u8> {
-    let mut f = Frame::new(Ip::v4(), 0).ethernet(ETH_P_ARP);
+    let frame = Frame::new(Ip::v4(), 0);
+    let mut f = frame.ethernet(ETH_P_ARP);
     f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f.extend_from_slice(&SRC4);
+    f.extend_from_slice(&frame.src4());
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&DST4);
     f
