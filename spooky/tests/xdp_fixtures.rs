@@ -737,6 +737,31 @@ fn load(setup: &Setup, cpumap_cpus: &BTreeSet<u32>) -> XdpSteering {
     s
 }
 
+/// Runs `frame` `runs` times: the actions, and the counters that moved
+/// with how much.
+fn run_frame(
+    steering: &XdpSteering,
+    frame: &[u8],
+    runs: u64,
+) -> (Vec<u32>, Vec<(XdpCounter, u64)>) {
+    let before = steering.counters().unwrap();
+    let actions = (0..runs)
+        .map(|_| {
+            steering
+                .test_run(frame, 1)
+                .expect("BPF_PROG_TEST_RUN")
+                .action
+        })
+        .collect();
+    let after = steering.counters().unwrap();
+    let delta = XdpCounter::ALL
+        .iter()
+        .map(|&c| (c, after[c as usize] - before[c as usize]))
+        .filter(|&(_, d)| d != 0)
+        .collect();
+    (actions, delta)
+}
+
 fn action_name(a: u32) -> &'static str {
     match a {
         action::ABORTED => "ABORTED",
@@ -796,22 +821,7 @@ fn xdp_fixture_table() {
             None => r.setup.workers.iter().map(|w| w.1).collect(),
         };
         let steering = load(&r.setup, &cpumap);
-        let before = steering.counters().unwrap();
-        let mut actions = Vec::new();
-        for _ in 0..RUNS {
-            actions.push(
-                steering
-                    .test_run(&r.frame, 1)
-                    .expect("BPF_PROG_TEST_RUN")
-                    .action,
-            );
-        }
-        let after = steering.counters().unwrap();
-        let delta: Vec<(XdpCounter, u64)> = XdpCounter::ALL
-            .iter()
-            .map(|&c| (c, after[c as usize] - before[c as usize]))
-            .filter(|&(_, d)| d != 0)
-            .collect();
+        let (actions, delta) = run_frame(&steering, &r.frame, RUNS);
         let want_delta = vec![(r.expect.counter, RUNS)];
         let ok = actions.iter().all(|&a| a == r.expect.action) && delta == want_delta;
         let cpu = r.expect.cpu.map_or("-".to_string(), |c| c.to_string());
@@ -874,163 +884,140 @@ fn initials_beyond_a_sources_rate_are_dropped() {
     let limited = drop(XdpCounter::DropInitialRate);
     let new_conn = initial(&client_dcid(900, 8), 1200);
     let mut failures = Vec::new();
-    let mut check = |steering: &XdpSteering, name: &str, frame: &[u8], runs: u64, want: Expect| {
-        let before = steering.counters().unwrap();
-        let actions: Vec<u32> = (0..runs)
-            .map(|_| {
-                steering
-                    .test_run(frame, 1)
-                    .expect("BPF_PROG_TEST_RUN")
-                    .action
-            })
-            .collect();
-        let after = steering.counters().unwrap();
-        let delta: Vec<(XdpCounter, u64)> = XdpCounter::ALL
-            .iter()
-            .map(|&c| (c, after[c as usize] - before[c as usize]))
-            .filter(|&(_, d)| d != 0)
-            .collect();
-        let ok = actions.iter().all(|&a| a == want.action) && delta == vec![(want.counter, runs)];
-        println!("{name:<60} {}", if ok { "ok" } else { "FAIL" });
-        if !ok {
-            failures.push(format!(
-                "{name}: expected {} + {} x{runs}, got {:?} and {delta:?}",
-                action_name(want.action),
-                want.counter.name(),
-                actions.iter().map(|&a| action_name(a)).collect::<Vec<_>>()
-            ));
+    // Runs each step's frame `runs` times, in order (the steps share the
+    // sources' schedules).
+    let mut run = |steering: &XdpSteering, steps: Vec<(&str, Vec<u8>, u64, Expect)>| {
+        for (name, frame, runs, want) in steps {
+            let (actions, delta) = run_frame(steering, &frame, runs);
+            let ok =
+                actions.iter().all(|&a| a == want.action) && delta == vec![(want.counter, runs)];
+            println!("{name:<60} {}", if ok { "ok" } else { "FAIL" });
+            if !ok {
+                failures.push(format!(
+                    "{name}: expected {} + {} x{runs}, got {:?} and {delta:?}",
+                    action_name(want.action),
+                    want.counter.name(),
+                    actions.iter().map(|&a| action_name(a)).collect::<Vec<_>>()
+                ));
+            }
         }
     };
 
     let a4 = v4().with_source(0, 10);
-    check(
-        &steering,
-        "v4 source A: its burst of 4 passes",
-        &a4.udp(&new_conn),
-        4,
-        hashed,
-    );
-    check(
-        &steering,
-        "v4 source A: then dropped",
-        &a4.udp(&new_conn),
-        3,
-        limited,
-    );
-    check(
-        &steering,
-        "v4 source A: a new DCID is no way round",
-        &a4.udp(&initial(&client_dcid(901, 16), 1300)),
-        1,
-        limited,
-    );
-    check(
-        &steering,
-        "v4 source B: its own burst",
-        &v4().with_source(0, 11).udp(&new_conn),
-        4,
-        hashed,
-    );
-    check(
-        &steering,
-        "v4 source A: an Initial to our CID (handshake in progress)",
-        &a4.udp(&initial(&our_cid(0, 902), 1200)),
-        2,
-        ours_long_to(0),
-    );
-    check(
-        &steering,
-        "v4 source A: a Handshake packet",
-        &a4.udp(&quic_long(
-            LongType::Handshake,
-            QUIC_V1,
-            &client_dcid(903, 8),
-            &[7; 8],
-            200,
-            true,
-        )),
-        1,
-        hashed,
-    );
-    check(
-        &steering,
-        "v4 source A: a short header",
-        &a4.udp(&quic_short(&our_cid(0, 904), 60, true)),
-        1,
-        short_to(0),
-    );
-    check(
-        &steering,
-        "v4 source A: a small Initial is still dropped as small",
-        &a4.udp(&initial(&client_dcid(905, 8), 900)),
-        1,
-        drop(XdpCounter::DropSmallInitial),
-    );
     let a6 = v6().with_source(5, 1);
-    check(
-        &steering,
-        "v6 2001:2:0:5::1: burst",
-        &a6.udp(&new_conn),
-        4,
-        hashed,
+    let handshake = quic_long(
+        LongType::Handshake,
+        QUIC_V1,
+        &client_dcid(903, 8),
+        &[7; 8],
+        200,
+        true,
     );
-    check(
+    run(
         &steering,
-        "v6 2001:2:0:5::1: then dropped",
-        &a6.udp(&new_conn),
-        1,
-        limited,
-    );
-    check(
-        &steering,
-        "v6 2001:2:0:5::2: the same /64, dropped",
-        &v6().with_source(5, 2).udp(&new_conn),
-        1,
-        limited,
-    );
-    check(
-        &steering,
-        "v6 2001:2:0:6::1: another /64",
-        &v6().with_source(6, 1).udp(&new_conn),
-        1,
-        hashed,
+        vec![
+            (
+                "v4 source A: its burst of 4 passes",
+                a4.udp(&new_conn),
+                4,
+                hashed,
+            ),
+            ("v4 source A: then dropped", a4.udp(&new_conn), 3, limited),
+            (
+                "v4 source A: a new DCID is no way round",
+                a4.udp(&initial(&client_dcid(901, 16), 1300)),
+                1,
+                limited,
+            ),
+            (
+                "v4 source B: its own burst",
+                v4().with_source(0, 11).udp(&new_conn),
+                4,
+                hashed,
+            ),
+            (
+                "v4 source A: an Initial to our CID (handshake in progress)",
+                a4.udp(&initial(&our_cid(0, 902), 1200)),
+                2,
+                ours_long_to(0),
+            ),
+            (
+                "v4 source A: a Handshake packet",
+                a4.udp(&handshake),
+                1,
+                hashed,
+            ),
+            (
+                "v4 source A: a short header",
+                a4.udp(&quic_short(&our_cid(0, 904), 60, true)),
+                1,
+                short_to(0),
+            ),
+            (
+                "v4 source A: a small Initial is still dropped as small",
+                a4.udp(&initial(&client_dcid(905, 8), 900)),
+                1,
+                drop(XdpCounter::DropSmallInitial),
+            ),
+            ("v6 2001:2:0:5::1: burst", a6.udp(&new_conn), 4, hashed),
+            (
+                "v6 2001:2:0:5::1: then dropped",
+                a6.udp(&new_conn),
+                1,
+                limited,
+            ),
+            (
+                "v6 2001:2:0:5::2: the same /64, dropped",
+                v6().with_source(5, 2).udp(&new_conn),
+                1,
+                limited,
+            ),
+            (
+                "v6 2001:2:0:6::1: another /64",
+                v6().with_source(6, 1).udp(&new_conn),
+                1,
+                hashed,
+            ),
+        ],
     );
 
     // 10 per second, no burst: the next Initial is due 100 ms later.
     steering
         .set_initial_limit(InitialLimit::new(10.0, 1))
         .unwrap();
-    let c4 = v4().with_source(0, 12);
-    check(
+    let c4 = v4().with_source(0, 12).udp(&new_conn);
+    run(
         &steering,
-        "v4 source C at 10/s: the first passes",
-        &c4.udp(&new_conn),
-        1,
-        hashed,
-    );
-    check(
-        &steering,
-        "v4 source C at 10/s: at once, dropped",
-        &c4.udp(&new_conn),
-        1,
-        limited,
+        vec![
+            (
+                "v4 source C at 10/s: the first passes",
+                c4.clone(),
+                1,
+                hashed,
+            ),
+            (
+                "v4 source C at 10/s: at once, dropped",
+                c4.clone(),
+                1,
+                limited,
+            ),
+        ],
     );
     std::thread::sleep(std::time::Duration::from_millis(150));
-    check(
+    run(
         &steering,
-        "v4 source C at 10/s: 150 ms later, passes",
-        &c4.udp(&new_conn),
-        1,
-        hashed,
+        vec![("v4 source C at 10/s: 150 ms later, passes", c4, 1, hashed)],
     );
 
     steering.set_initial_limit(None).unwrap();
-    check(
+    run(
         &steering,
-        "limit lifted: source A passes",
-        &a4.udp(&new_conn),
-        5,
-        hashed,
+        vec![(
+            "limit lifted: source A passes",
+            a4.udp(&new_conn),
+            5,
+            hashed,
+        )],
     );
 
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
