@@ -17,7 +17,10 @@ mod packets;
 
 use packets::*;
 use spooky::steering::xdp::{XdpSteering, action};
-use spooky_common::{CidLayout, initial_dcid_hash, maps::WorkerState};
+use spooky_common::{
+    CidLayout, initial_dcid_hash,
+    maps::{InitialLimit, WorkerState},
+};
 
 const PORT: u16 = 4433;
 
@@ -186,6 +189,26 @@ fn main() {
         }
     };
     let floor = "floor: steering disabled";
+
+    // The per-source Initial limit (steering.initials_per_source): one
+    // program whose limit never bites (1e9/s), so every Initial takes the
+    // GCRA path and passes, and one at 1/s, where all but the first drop.
+    let limited = |per_second: f64, burst: u32| {
+        let mut s = XdpSteering::load(&layout, &[PORT])?;
+        s.set_worker(0, 0, WorkerState::Live)?;
+        s.set_worker(1, 1, WorkerState::Live)?;
+        s.enable()?;
+        s.set_initial_limit(InitialLimit::new(per_second, burst))?;
+        Ok::<_, spooky::steering::xdp::XdpError>(s)
+    };
+    let (under_limit, over_limit) = match (limited(1e9, u32::MAX), limited(1.0, 1)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("xdp_steering: {e}");
+            std::process::exit(1);
+        }
+    };
+    let initial = &classes[2].1[..];
     let runs: Vec<(&str, &XdpSteering, &[u8])> =
         std::iter::once((floor, &disabled, &classes[0].1[..]))
             .chain(
@@ -193,6 +216,10 @@ fn main() {
                     .iter()
                     .map(|(name, frame, _)| (*name, &steering, &frame[..])),
             )
+            .chain([
+                ("Initial, per-source limit, passes", &under_limit, initial),
+                ("Initial, per-source limit, dropped", &over_limit, initial),
+            ])
             .collect();
 
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
