@@ -595,8 +595,9 @@ impl Connection {
                 // spooky patch: upstream passes 1 byte for the new datagram and so
                 // lets a full MTU out whenever any budget is left
                 // (https://github.com/quinn-rs/quinn/issues/1082), which sends
-                // more than 3x what the peer sent. During the handshake the new
-                // datagram must fit whole; see `unvalidated_datagram_room`.
+                // more than 3x what the peer sent. Here the new datagram needs
+                // the room `unvalidated_datagram_room` says, and is cut to the
+                // budget below.
                 if self.path.anti_amplification_blocked(
                     segment_size as u64 * num_datagrams as u64
                         + self.unvalidated_datagram_room(segment_size as u64),
@@ -724,6 +725,19 @@ impl Connection {
                         // unexpectedly.
                         std::cmp::min(segment_size, usize::from(min_mtu))
                     }
+                };
+                // spooky patch: on a path not validated yet, the datagram ends
+                // where the anti-amplification budget does (RFC 9000 Sections
+                // 8 and 9.3). Only after the handshake can this cut anything:
+                // during it, the check above left room for a whole datagram.
+                // A cut datagram is the last of its GSO batch, since the next
+                // would find no budget.
+                let next_datagram_size_limit = match self
+                    .path
+                    .anti_amplification_budget(segment_size as u64 * num_datagrams as u64)
+                {
+                    Some(budget) => next_datagram_size_limit.min(budget as usize),
+                    None => next_datagram_size_limit,
                 };
                 buf_capacity += next_datagram_size_limit;
                 if buf.capacity() < buf_capacity {
@@ -951,7 +965,11 @@ impl Connection {
         self.app_limited = buf.is_empty() && !congestion_blocked;
 
         // Send MTU probe if necessary
-        if buf.is_empty() && self.state.is_established() {
+        //
+        // spooky patch: not on a path that is not validated yet. A probe is
+        // padded to its size, and upstream sent it without checking the
+        // anti-amplification budget; PLPMTUD can wait for the validation.
+        if buf.is_empty() && self.state.is_established() && self.path.validated {
             let space_id = SpaceId::Data;
             let probe_size = self
                 .path
@@ -1891,18 +1909,20 @@ impl Connection {
     /// must have left to start a datagram of up to `datagram_size` bytes.
     ///
     /// During the handshake (RFC 9000 Section 8.1) the whole datagram: a
-    /// client's datagrams are at least 1,200 bytes while it sends Initials,
-    /// so its next one (an ACK or a probe) always buys room for more, and
-    /// the server never sends more than 3x. After the handshake only a
-    /// migrated path is unvalidated, and there its peer may send nothing
-    /// but small packets; requiring a whole datagram (a padded
-    /// PATH_CHALLENGE) could then stall the migration, so one byte of
-    /// budget still lets one datagram out, as upstream does.
+    /// datagram carrying an ack-eliciting Initial must be padded to 1,200
+    /// bytes, so it cannot be cut to the budget; and a client's datagrams
+    /// are at least 1,200 bytes while it sends Initials, so its next one (an
+    /// ACK or a probe) always buys room for more. After the handshake only
+    /// a migrated path is unvalidated (Section 9.3); its peer may send
+    /// nothing but small packets, so waiting for a whole datagram of budget
+    /// could stall the PATH_CHALLENGE. There a datagram starts with room
+    /// for one small packet and is cut to the budget (`poll_transmit`),
+    /// its padding included (`PacketBuilder::pad_to`).
     fn unvalidated_datagram_room(&self, datagram_size: u64) -> u64 {
         if self.state.is_handshake() {
             datagram_size
         } else {
-            1
+            MIN_PACKET_SPACE as u64
         }
     }
 

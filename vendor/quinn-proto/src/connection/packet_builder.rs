@@ -196,9 +196,18 @@ impl PacketBuilder {
         // The datagram might already have a larger minimum size than the caller is requesting, if
         // e.g. we're coalescing packets and have populated more than `min_size` bytes with packets
         // already.
+        //
+        // spooky patch: never past the datagram's capacity. Upstream never
+        // asks for more, except for a datagram cut to the anti-amplification
+        // budget (`Connection::poll_transmit`), which must stay within it
+        // (RFC 9000 Section 8.2.1: a PATH_CHALLENGE is padded to 1200 bytes
+        // unless the anti-amplification limit does not permit it).
         self.min_size = Ord::max(
             self.min_size,
-            self.datagram_start + (min_size as usize) - self.tag_len,
+            Ord::min(
+                self.datagram_start + (min_size as usize) - self.tag_len,
+                self.max_size,
+            ),
         );
     }
 

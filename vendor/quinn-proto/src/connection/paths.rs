@@ -160,6 +160,17 @@ impl PathData {
         !self.validated && self.total_recvd * 3 < self.total_sent + bytes_to_send
     }
 
+    /// spooky patch: what the anti-amplification limit still lets this path
+    /// send once `committed` more bytes have gone out; `None` once the path
+    /// is validated (no limit).
+    pub(super) fn anti_amplification_budget(&self, committed: u64) -> Option<u64> {
+        (!self.validated).then(|| {
+            self.total_recvd
+                .saturating_mul(3)
+                .saturating_sub(self.total_sent.saturating_add(committed))
+        })
+    }
+
     /// Returns the path's current MTU
     pub(super) fn current_mtu(&self) -> u16 {
         self.mtud.current_mtu()
