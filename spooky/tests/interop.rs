@@ -222,12 +222,7 @@ fn downloads_and_upload_through_ten_percent_loss_are_byte_identical() {
 /// GETs `/bytes/n` and checks every byte as it arrives, failing if no
 /// frame comes for `STALL`.
 async fn download_with_stall_limit(client: &H3Client, n: u64) {
-    let req = Request::get(format!("/bytes/{n}"))
-        .body(spooky::body::empty())
-        .unwrap();
-    let resp = client.send(req).await.expect("request");
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = get_ok_body(client, &format!("/bytes/{n}")).await;
     let mut got = 0u64;
     loop {
         let frame = tokio::time::timeout(STALL, body.frame())
@@ -424,16 +419,7 @@ async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     // A body cut short: the headers (200, content-length 1000) are already
     // on their way, so the client must see the stream fail, never a clean
     // end after 10 bytes.
-    let resp = client
-        .send(
-            Request::get("/truncated")
-                .body(spooky::body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = get_ok_body(&client, "/truncated").await;
     let mut got = Vec::new();
     let outcome = loop {
         match tokio::time::timeout(Duration::from_secs(10), body.frame()).await {

@@ -564,16 +564,7 @@ async fn a_migrated_path_gets_at_most_three_times_before_validation() {
         ..Default::default()
     };
     let client = H3Client::connect(&sp.url("/"), &opts).await.unwrap();
-    let resp = client
-        .send(
-            Request::get("/bytes/67108864")
-                .body(spooky::body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = support::get_ok_body(&client, "/bytes/67108864").await;
     // Read until spooky's datagrams stop arriving, then give the client's
     // probes and spooky's answers on the new path two seconds.
     let reading = async { while let Some(Ok(_)) = body.frame().await {} };

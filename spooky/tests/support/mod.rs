@@ -503,3 +503,17 @@ pub fn scrape_with(port: u16, token: Option<&str>) -> std::collections::HashMap<
 pub fn metric(m: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
+
+/// GETs `path` on `client`, asserts a 200 and returns the body unread, for
+/// a test to stream it.
+pub async fn get_ok_body(client: &spooky::client::H3Client, path: &str) -> spooky::body::ProxyBody {
+    let req = http::Request::get(path)
+        .body(spooky::body::empty())
+        .unwrap();
+    let resp = client
+        .send(req)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(resp.status(), 200, "GET {path}");
+    resp.into_body()
+}
