@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::body::{self, BoxError, IdleTimeout, Limited, ProxyBody};
 use crate::config::Config;
 use crate::limits::{RateLimited, RequestLimits};
-use crate::listener::validate::{self, Violation};
+use crate::listener::validate::{self, CONNECTION_SPECIFIC, Violation};
 use crate::metrics::LIVE;
 use crate::reload::Generation;
 use crate::routing;
@@ -125,17 +125,9 @@ impl Proxy {
     }
 }
 
-/// Headers that describe one hop's connection and never cross a proxy
-/// (RFC 9110 §7.6.1, plus the de-facto ones).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::PROXY_AUTHENTICATE,
-];
+/// Headers that describe one hop and never cross a proxy besides the
+/// connection-specific ones (RFC 9110 §7.6.1, plus the de-facto ones).
+const OTHER_HOP_BY_HOP: [HeaderName; 2] = [header::TE, header::PROXY_AUTHENTICATE];
 
 /// Removes connection-specific headers, including every header the
 /// `connection` header names. `te: trailers` survives on requests: it is
@@ -157,7 +149,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             })
         });
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    for n in named
+        .iter()
+        .chain(&CONNECTION_SPECIFIC)
+        .chain(&OTHER_HOP_BY_HOP)
+    {
         headers.remove(n);
     }
     if te_trailers {

@@ -111,13 +111,16 @@ pub struct Validated {
     pub content_length: Option<u64>,
 }
 
-/// Fields that describe one connection and are malformed in HTTP/3 and
-/// HTTP/2 requests (`te` is handled on its own: `trailers` is allowed).
-const CONNECTION_SPECIFIC: [HeaderName; 4] = [
+/// Fields that describe one connection (RFC 9114 §4.2) and are malformed
+/// in HTTP/3 and HTTP/2 requests (`te` is handled on its own: `trailers`
+/// is allowed). The proxy strips them, among others, from what it
+/// forwards either way.
+pub const CONNECTION_SPECIFIC: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Checks a decoded request head received over `version`. Pure: the
@@ -140,8 +143,7 @@ fn has_protocol(parts: &Parts) -> bool {
 }
 
 fn check_connection_specific(headers: &HeaderMap) -> Result<(), Violation> {
-    // `upgrade` is listed by RFC 9114 §4.2 too.
-    for name in CONNECTION_SPECIFIC.iter().chain([&header::UPGRADE]) {
+    for name in &CONNECTION_SPECIFIC {
         if headers.contains_key(name) {
             return Err(Violation::ConnectionSpecificField(name.clone()));
         }
