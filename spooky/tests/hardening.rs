@@ -211,17 +211,40 @@ fn spooky_before(recorder: &Recorder) -> Spooky {
     ))
 }
 
+/// A recording HTTP/1.1 backend, spooky in front of it and the
+/// `:authority` to reach spooky; `None` (the test skips) without the
+/// aioquic venv that writes the raw frames.
+fn recorded_spooky() -> Option<(Recorder, Spooky, String)> {
+    python()?;
+    let recorder = Recorder::start();
+    let sp = spooky_before(&recorder);
+    let authority = format!("localhost:{}", sp.port);
+    Some((recorder, sp, authority))
+}
+
 /// Header fields, in the order they go on the wire.
 type Fields<'a> = Vec<(&'a str, &'a str)>;
 
 /// The pseudo-header fields of a well-formed request for `path`.
 fn pseudo<'a>(method: &'a str, authority: &'a str, path: &'a str) -> Fields<'a> {
-    vec![
+    pseudo_with(method, authority, path, &[])
+}
+
+/// [`pseudo`] followed by the regular fields `extra`.
+fn pseudo_with<'a>(
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    extra: &[(&'a str, &'a str)],
+) -> Fields<'a> {
+    let mut f = vec![
         (":method", method),
         (":scheme", "https"),
         (":authority", authority),
         (":path", path),
-    ]
+    ];
+    f.extend_from_slice(extra);
+    f
 }
 
 /// Sends a request expected to be rejected; asserts the outcome with
@@ -273,12 +296,9 @@ fn is_message_error_reset(o: &Outcome) -> bool {
 
 #[test]
 fn a_valid_request_reaches_the_backend() {
-    if python().is_none() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
-    }
-    let recorder = Recorder::start();
-    let sp = spooky_before(&recorder);
-    let authority = format!("localhost:{}", sp.port);
+    };
 
     let mut get = pseudo("GET", &authority, "/control?x=1");
     get.push(("user-agent", "h3-raw"));
@@ -333,17 +353,10 @@ fn a_valid_request_reaches_the_backend() {
 
 #[test]
 fn malformed_heads_get_400_and_never_reach_the_backend() {
-    if python().is_none() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
-    }
-    let recorder = Recorder::start();
-    let sp = spooky_before(&recorder);
-    let authority = format!("localhost:{}", sp.port);
-    let with = |extra: &[(&'static str, &'static str)]| {
-        let mut f = pseudo("POST", &authority, "/");
-        f.extend_from_slice(extra);
-        f
     };
+    let with = |extra: &[(&'static str, &'static str)]| pseudo_with("POST", &authority, "/", extra);
     let cases: Vec<(&str, Fields)> = vec![
         ("connection", with(&[("connection", "close")])),
         ("keep-alive", with(&[("keep-alive", "timeout=5")])),
@@ -415,17 +428,10 @@ fn malformed_heads_get_400_and_never_reach_the_backend() {
 /// with H3_MESSAGE_ERROR (h3's `RequestResolver::resolve`).
 #[test]
 fn h3_resets_what_it_cannot_decode() {
-    if python().is_none() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
-    }
-    let recorder = Recorder::start();
-    let sp = spooky_before(&recorder);
-    let authority = format!("localhost:{}", sp.port);
-    let with = |extra: &[(&'static str, &'static str)]| {
-        let mut f = pseudo("GET", &authority, "/");
-        f.extend_from_slice(extra);
-        f
     };
+    let with = |extra: &[(&'static str, &'static str)]| pseudo_with("GET", &authority, "/", extra);
     let cases: Vec<(&str, Fields)> = vec![
         ("uppercase name", with(&[("X-Upper", "1")])),
         ("unknown pseudo-header", with(&[(":foo", "bar")])),
@@ -473,12 +479,9 @@ fn h3_resets_what_it_cannot_decode() {
 /// forwarded, so harmless): pinned here.
 #[test]
 fn duplicated_and_misplaced_pseudo_headers_are_rejected() {
-    if python().is_none() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
-    }
-    let recorder = Recorder::start();
-    let sp = spooky_before(&recorder);
-    let authority = format!("localhost:{}", sp.port);
+    };
 
     let mut duplicated_path = pseudo("GET", &authority, "/first");
     duplicated_path.push((":path", "/second"));
@@ -516,17 +519,11 @@ fn duplicated_and_misplaced_pseudo_headers_are_rejected() {
 /// completed with another length.
 #[test]
 fn content_length_mismatch_resets_the_stream_and_aborts_upstream() {
-    if python().is_none() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
-    }
-    let recorder = Recorder::start();
-    let sp = spooky_before(&recorder);
-    let authority = format!("localhost:{}", sp.port);
-    let declaring = |n: &'static str| {
-        let mut f = pseudo("POST", &authority, "/upload");
-        f.push(("content-length", n));
-        f
     };
+    let declaring =
+        |n: &'static str| pseudo_with("POST", &authority, "/upload", &[("content-length", n)]);
     let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
         ("short", declaring("10"), vec!["hello"]),
         ("no DATA at all", declaring("3"), vec![]),
@@ -593,11 +590,8 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
         "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
     ));
     let authority = format!("localhost:{}", sp.port);
-    let declaring = |n: &'static str| {
-        let mut f = pseudo("POST", &authority, "/sink");
-        f.push(("content-length", n));
-        f
-    };
+    let declaring =
+        |n: &'static str| pseudo_with("POST", &authority, "/sink", &[("content-length", n)]);
     let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
         ("short", declaring("10"), vec!["hello"]),
         ("long", declaring("6"), vec!["hello", "world"]),
