@@ -775,6 +775,21 @@ mod tests {
         (recv, stopped)
     }
 
+    /// The length of the next frame, which must be DATA.
+    async fn next_data_len<B>(body: &mut B) -> usize
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        body.frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .len()
+    }
+
     const H3_REQUEST_CANCELLED: u64 = 0x010c;
     const H3_NO_ERROR: u64 = 0x0100;
 
@@ -805,8 +820,7 @@ mod tests {
         let (recv, stopped) = scripted(&[3, 3], None);
         let malformed = MalformedBody::default();
         let mut body = H3Body::enforcing(recv, Some(5), malformed.clone());
-        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(first.len(), 3);
+        assert_eq!(next_data_len(&mut body).await, 3);
         assert_eq!(body.size_hint().exact(), Some(2));
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((5, 6)), "{err}");
@@ -824,16 +838,7 @@ mod tests {
         let (recv, stopped) = scripted(&[4], None);
         let malformed = MalformedBody::default();
         let mut body = H3Body::enforcing(recv, Some(10), malformed.clone());
-        assert_eq!(
-            body.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            4
-        );
+        assert_eq!(next_data_len(&mut body).await, 4);
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((10, 4)), "{err}");
         assert!(malformed.detected());
@@ -862,16 +867,7 @@ mod tests {
         // STOP_SENDING.
         let (recv, stopped) = scripted(&[3, 3], None);
         let mut body = H3Body::enforcing(recv, None, MalformedBody::default());
-        assert_eq!(
-            body.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(next_data_len(&mut body).await, 3);
         drop(body);
         assert_eq!(*stopped.lock().unwrap(), None);
     }
@@ -884,8 +880,7 @@ mod tests {
         let (recv, stopped) = scripted(&[2, 3, 1], None);
         let malformed = MalformedBody::default();
         let mut body = H3Body::enforcing(recv, Some(5), malformed.clone());
-        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(first.len(), 2);
+        assert_eq!(next_data_len(&mut body).await, 2);
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(mismatch(&err), Some((5, 6)), "{err}");
         assert!(malformed.detected());
@@ -897,8 +892,7 @@ mod tests {
         let (recv, stopped) = scripted(&[2, 3], None);
         let mut body = H3Body::enforcing(recv, Some(5), MalformedBody::default());
         body.frame().await.unwrap().unwrap();
-        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(last.len(), 3);
+        assert_eq!(next_data_len(&mut body).await, 3);
         assert_eq!(body.size_hint().exact(), Some(0));
         drop(body);
         assert_eq!(*stopped.lock().unwrap(), Some(H3_NO_ERROR));
@@ -934,16 +928,7 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(too_large_limit(err.as_ref()), Some(9));
         let mut ok = Limited::new(full(vec![0u8; 10]), 10);
-        assert_eq!(
-            ok.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            10
-        );
+        assert_eq!(next_data_len(&mut ok).await, 10);
     }
 
     fn tokio_stream_from(
