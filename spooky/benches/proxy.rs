@@ -602,6 +602,25 @@ struct Run {
     backend_cpu_us_per_req: f64,
 }
 
+/// A latency sample: microseconds since `t0`, saturating.
+fn micros_since(t0: Instant) -> u32 {
+    t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+/// The load tasks' latencies (µs) and error counts, merged; a task that
+/// panicked contributes nothing.
+async fn merge_tasks(tasks: Vec<tokio::task::JoinHandle<(Vec<u32>, u64)>>) -> (Vec<u32>, u64) {
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    (all, errors)
+}
+
 /// `conns` HTTP/3 connections spread over `threads` client threads (each a
 /// current-thread runtime), `streams` request loops per connection, GET
 /// `path` for `duration`. CPU of `proxy_pid` and `backend_pid` is read
@@ -674,39 +693,30 @@ fn h3_load(
             };
             start.wait();
             let deadline = tokio::time::Instant::now() + duration;
-            let result =
-                rt.block_on(async {
-                    let mut tasks = Vec::new();
-                    for c in &clients {
-                        for _ in 0..streams {
-                            let c = c.clone();
-                            let p = path.clone();
-                            tasks.push(tokio::spawn(async move {
-                                let mut lat = Vec::with_capacity(16 * 1024);
-                                let mut errors = 0u64;
-                                while tokio::time::Instant::now() < deadline {
-                                    let t0 = Instant::now();
-                                    match c.get(&p).await {
-                                        Ok((r, _)) if r.status().is_success() => lat
-                                            .push(t0.elapsed().as_micros().min(u32::MAX as u128)
-                                                as u32),
-                                        _ => errors += 1,
+            let result = rt.block_on(async {
+                let mut tasks = Vec::new();
+                for c in &clients {
+                    for _ in 0..streams {
+                        let c = c.clone();
+                        let p = path.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let mut lat = Vec::with_capacity(16 * 1024);
+                            let mut errors = 0u64;
+                            while tokio::time::Instant::now() < deadline {
+                                let t0 = Instant::now();
+                                match c.get(&p).await {
+                                    Ok((r, _)) if r.status().is_success() => {
+                                        lat.push(micros_since(t0))
                                     }
+                                    _ => errors += 1,
                                 }
-                                (lat, errors)
-                            }));
-                        }
+                            }
+                            (lat, errors)
+                        }));
                     }
-                    let mut all = Vec::new();
-                    let mut errors = 0;
-                    for t in tasks {
-                        if let Ok((l, e)) = t.await {
-                            all.extend(l);
-                            errors += e;
-                        }
-                    }
-                    (all, errors)
-                });
+                }
+                merge_tasks(tasks).await
+            });
             done.wait();
             measured.wait();
             // Close all at once: each close waits for its endpoint to
@@ -813,9 +823,9 @@ fn h3_handshakes(
                             match H3Client::connect(&url, &opts).await {
                                 Ok(c) => {
                                     match c.get("/").await {
-                                        Ok((r, _)) if r.status().is_success() => lat
-                                            .push(t0.elapsed().as_micros().min(u32::MAX as u128)
-                                                as u32),
+                                        Ok((r, _)) if r.status().is_success() => {
+                                            lat.push(micros_since(t0))
+                                        }
                                         _ => errors += 1,
                                     }
                                     // Close and drop: quinn's endpoint driver
@@ -830,15 +840,7 @@ fn h3_handshakes(
                         (lat, errors)
                     }));
                 }
-                let mut all = Vec::new();
-                let mut errors = 0;
-                for t in tasks {
-                    if let Ok((l, e)) = t.await {
-                        all.extend(l);
-                        errors += e;
-                    }
-                }
-                (all, errors)
+                merge_tasks(tasks).await
             });
             done.wait();
             // Let the last closes go out before the runtime stops.
