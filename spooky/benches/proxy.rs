@@ -1411,35 +1411,41 @@ fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
     println!("   baseline: same client straight to spooky's HTTP/3 demo backend (no proxy)");
     let duration = Duration::from_secs(o.seconds);
 
-    let small = format!("h3 small GETs, {} conns x {} streams", o.conns, o.streams);
-    fresh_rounds(env, o, table, &small, nginx_port, np, |p, port, backend| {
-        h3_load(
-            port,
-            &env.client_options(port),
-            "/",
+    let shapes = [
+        (
+            format!("h3 small GETs, {} conns x {} streams", o.conns, o.streams),
             o.conns,
             o.streams,
-            o.client_threads,
-            duration,
-            p.pid(),
-            backend,
-        )
-    })?;
-
-    let many = format!("h3 {} conns x 1 stream", o.many_conns);
-    fresh_rounds(env, o, table, &many, nginx_port, np, |p, port, backend| {
-        h3_load(
-            port,
-            &env.client_options(port),
-            "/",
+        ),
+        (
+            format!("h3 {} conns x 1 stream", o.many_conns),
             o.many_conns,
             1,
-            o.client_threads,
-            duration,
-            p.pid(),
-            backend,
-        )
-    })?;
+        ),
+    ];
+    for (scenario, conns, streams) in &shapes {
+        fresh_rounds(
+            env,
+            o,
+            table,
+            scenario,
+            nginx_port,
+            np,
+            |p, port, backend| {
+                h3_load(
+                    port,
+                    &env.client_options(port),
+                    "/",
+                    *conns,
+                    *streams,
+                    o.client_threads,
+                    duration,
+                    p.pid(),
+                    backend,
+                )
+            },
+        )?;
+    }
 
     let hs = format!("h3 new connections, {} loops", o.handshake_loops);
     fresh_rounds(env, o, table, &hs, nginx_port, np, |p, port, backend| {
