@@ -387,7 +387,6 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
         .unwrap();
     // A valid client on the other address while the flood runs.
     let get_from = |ip: Ipv4Addr| {
-        let ns = net.client_ns.clone();
         let opts = spooky::client::ClientOptions {
             ca: Some(sp.cert()),
             connect_to: Some(SocketAddr::new(IpAddr::V4(net.server_ip), sp.port)),
@@ -396,22 +395,13 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
             ..Default::default()
         };
         let url = sp.url("/");
-        std::thread::spawn(move || {
-            support::netns::enter(&ns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let c = H3Client::connect(&url, &opts)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (resp, _) = c.get("/").await.map_err(|e| e.to_string())?;
-                Ok::<u16, String>(resp.status().as_u16())
-            })
+        support::netns::block_on_in(&net.client_ns, "valid-client", move || async move {
+            let c = H3Client::connect(&url, &opts)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (resp, _) = c.get("/").await.map_err(|e| e.to_string())?;
+            Ok::<u16, String>(resp.status().as_u16())
         })
-        .join()
-        .unwrap()
     };
     let during = get_from(other_ip);
     let f = result(flood);

@@ -154,36 +154,23 @@ fn downloads_and_upload_through_ten_percent_loss_are_byte_identical() {
         ..Default::default()
     };
     let url = format!("https://localhost:{}/", sp.port);
-    let ns = net.client_ns.clone();
     let started = Instant::now();
-    let (timings, lost) = std::thread::Builder::new()
-        .name("loss-client".into())
-        .spawn(move || {
-            netns::enter(&ns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = tokio::time::timeout(STALL, H3Client::connect(&url, &opts))
-                    .await
-                    .expect("connect timed out")
-                    .expect("connect");
-                let mut timings = Vec::new();
-                for size in [4u64 << 20, 16 << 20] {
-                    let t = Instant::now();
-                    download_with_stall_limit(&client, size).await;
-                    timings.push((format!("{} MiB down", size >> 20), t.elapsed()));
-                }
-                let t = Instant::now();
-                upload_checked(&client, 1 << 20).await;
-                timings.push(("1 MiB up".to_owned(), t.elapsed()));
-                (timings, client.connection().stats().path.lost_packets)
-            })
-        })
-        .unwrap()
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let (timings, lost) = netns::block_on_in(&net.client_ns, "loss-client", move || async move {
+        let client = tokio::time::timeout(STALL, H3Client::connect(&url, &opts))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        let mut timings = Vec::new();
+        for size in [4u64 << 20, 16 << 20] {
+            let t = Instant::now();
+            download_with_stall_limit(&client, size).await;
+            timings.push((format!("{} MiB down", size >> 20), t.elapsed()));
+        }
+        let t = Instant::now();
+        upload_checked(&client, 1 << 20).await;
+        timings.push(("1 MiB up".to_owned(), t.elapsed()));
+        (timings, client.connection().stats().path.lost_packets)
+    });
     let elapsed = started.elapsed();
 
     let (up_seen, up_dropped) = loss_counters(&net.server_ns);

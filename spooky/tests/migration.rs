@@ -293,7 +293,6 @@ fn run_mode(mode: &'static str) -> Option<ModeRun> {
 /// current-thread runtime (multi-thread clients crawl when the CPUs are
 /// oversubscribed).
 fn run_clients(net: &VethPair, sp: &Spooky) -> Vec<Outcome> {
-    let ns = net.client_ns.clone();
     let local = IpAddr::V4(net.client_ip);
     let opts = ClientOptions {
         ca: Some(sp.cert()),
@@ -303,36 +302,23 @@ fn run_clients(net: &VethPair, sp: &Spooky) -> Vec<Outcome> {
         ..Default::default()
     };
     let url = format!("https://localhost:{}/", sp.port);
-    let thread = std::thread::Builder::new()
-        .name("migration-clients".into())
-        .spawn(move || {
-            netns::enter(&ns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for id in 0..CLIENTS {
-                    let (url, opts) = (url.clone(), opts.clone());
-                    set.spawn(async move { one_client(id, &url, &opts, local).await });
-                }
-                let mut outcomes = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    match r {
-                        Ok(o) => outcomes.push(o),
-                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                        Err(e) => panic!("client task: {e}"),
-                    }
-                }
-                outcomes.sort_by_key(|o| o.id);
-                outcomes
-            })
-        })
-        .unwrap();
-    thread
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    netns::block_on_in(&net.client_ns, "migration-clients", move || async move {
+        let mut set = tokio::task::JoinSet::new();
+        for id in 0..CLIENTS {
+            let (url, opts) = (url.clone(), opts.clone());
+            set.spawn(async move { one_client(id, &url, &opts, local).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(o) => outcomes.push(o),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("client task: {e}"),
+            }
+        }
+        outcomes.sort_by_key(|o| o.id);
+        outcomes
+    })
 }
 
 /// One client: connect, download `SIZE` bytes checking each one, rebind

@@ -72,6 +72,32 @@ pub fn enter(ns: &str) {
     assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
 }
 
+/// Runs the future `make` returns on a current-thread runtime, in a thread
+/// named `name` that has entered namespace `ns` (so every socket the future
+/// opens is in `ns`), and returns its output; a panic in it is re-raised
+/// here.
+pub fn block_on_in<F, Fut, T>(ns: &str, name: &str, make: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let ns = ns.to_owned();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            enter(&ns);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(make())
+        })
+        .unwrap()
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
