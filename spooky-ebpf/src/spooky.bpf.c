@@ -98,7 +98,8 @@ static __noinline int steer_by_hash(const struct spooky_config *cfg,
 }
 
 /*
- * Whether a new-connection Initial from src is within the per-source rate
+ * Whether a new-connection Initial from the source of the IP header at l3
+ * (IPv6 when v6) is within the per-source rate
  * (a GCRA: the source's schedule moves interval_ns ahead per Initial and
  * may run at most burst_ns ahead of now). Only Initials that open a
  * connection count: those of a handshake in progress, and those after a
@@ -108,21 +109,27 @@ static __noinline int steer_by_hash(const struct spooky_config *cfg,
  * exceeded by at most one Initial per racing CPU, which is cheaper than a
  * lock per packet.
  */
-static __always_inline int initial_within_rate(const struct spooky_source_prefix *src)
+static __always_inline int initial_within_rate(const void *l3, int v6, void *data_end)
 {
 	const struct spooky_initial_limit *limit;
+	struct spooky_source_prefix src;
 	__u64 now, next, *sched;
 	__u32 zero = 0;
+	int err;
 
 	limit = bpf_map_lookup_elem(&spooky_initial_limit, &zero);
 	if (!limit || limit->interval_ns == 0)
 		return 1;
+	/* The address is read only here: no other packet pays for it. */
+	err = v6 ? source_prefix_v6(&src, l3, data_end) : source_prefix_v4(&src, l3, data_end);
+	if (err < 0)
+		return 1; /* cannot happen: the header was parsed already */
 	now = bpf_ktime_get_ns();
-	sched = bpf_map_lookup_elem(&spooky_initial_sources, src);
+	sched = bpf_map_lookup_elem(&spooky_initial_sources, &src);
 	if (!sched) {
 		next = now + limit->interval_ns;
 		/* A full map evicts its least recently used source. */
-		bpf_map_update_elem(&spooky_initial_sources, src, &next, BPF_ANY);
+		bpf_map_update_elem(&spooky_initial_sources, &src, &next, BPF_ANY);
 		return 1;
 	}
 	next = *sched > now ? *sched : now;
@@ -187,7 +194,7 @@ static __always_inline int steer_short(const struct spooky_config *cfg, const __
 
 static __always_inline int steer_long(const struct spooky_config *cfg, const __u8 *q,
 				      __u32 len, void *data_end,
-				      const struct spooky_source_prefix *src)
+				      const void *l3, int v6)
 {
 	struct quic_cid cid;
 	__u32 version, dcid_len;
@@ -211,7 +218,7 @@ static __always_inline int steer_long(const struct spooky_config *cfg, const __u
 	if (quic_load_cid(&cid, q + QUIC_LONG_DCID_OFF, dcid_len, data_end) < 0)
 		return verdict(SPOOKY_CTR_DROP_BAD_LONG_HEADER, XDP_DROP);
 	if (quic_is_initial(first, version) && quic_cid_worker(cfg, &cid) < 0 &&
-	    !initial_within_rate(src))
+	    !initial_within_rate(l3, v6, data_end))
 		return verdict(SPOOKY_CTR_DROP_INITIAL_RATE, XDP_DROP);
 
 	/*
@@ -232,7 +239,6 @@ int spooky_xdp(struct xdp_md *ctx)
 	struct hdr_cursor nh = { .pos = (void *)(long)ctx->data };
 	const struct spooky_config *cfg;
 	const struct spooky_port_set *ports;
-	struct spooky_source_prefix src;
 	struct udphdr *udp;
 	void *l3;
 	__u32 zero = 0, len;
@@ -247,17 +253,12 @@ int spooky_xdp(struct xdp_md *ctx)
 
 	eth_type = parse_ethhdr(&nh, data_end);
 	l3 = nh.pos;
-	if (eth_type == bpf_htons(ETH_P_IP)) {
+	if (eth_type == bpf_htons(ETH_P_IP))
 		ip_proto = parse_iphdr(&nh, data_end);
-		if (ip_proto == IPPROTO_UDP && source_prefix_v4(&src, l3, data_end) < 0)
-			ip_proto = -1;
-	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
+	else if (eth_type == bpf_htons(ETH_P_IPV6))
 		ip_proto = parse_ip6hdr(&nh, data_end);
-		if (ip_proto == IPPROTO_UDP && source_prefix_v6(&src, l3, data_end) < 0)
-			ip_proto = -1;
-	} else {
+	else
 		return verdict(SPOOKY_CTR_PASS_OTHER, XDP_PASS);
-	}
 	if (ip_proto != IPPROTO_UDP)
 		return verdict(SPOOKY_CTR_PASS_OTHER, XDP_PASS);
 
@@ -275,7 +276,7 @@ int spooky_xdp(struct xdp_md *ctx)
 	if (len < 1 || (void *)(q + 1) > data_end)
 		return verdict(SPOOKY_CTR_DROP_TOO_SHORT, XDP_DROP);
 	if (q[0] & QUIC_FORM_LONG)
-		return steer_long(cfg, q, len, data_end, &src);
+		return steer_long(cfg, q, len, data_end, l3, eth_type == bpf_htons(ETH_P_IPV6));
 	return steer_short(cfg, q, len, data_end);
 }
 
