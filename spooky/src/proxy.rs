@@ -207,14 +207,30 @@ pub fn error_response(
 }
 
 fn append_via(headers: &mut HeaderMap, version: &str) {
-    let hop = format!("{version} spooky");
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {hop}"),
-        None => hop,
+    let prev = headers.get(header::VIA).and_then(|v| v.to_str().ok());
+    // Most messages arrive without `via`: their value is a constant, not
+    // built per request.
+    let own = match version {
+        "3" => Some("3 spooky"),
+        "2" => Some("2 spooky"),
+        "1.1" => Some("1.1 spooky"),
+        "1.0" => Some("1.0 spooky"),
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(header::VIA, v);
-    }
+    let value = match (prev, own) {
+        (None, Some(own)) => HeaderValue::from_static(own),
+        (prev, _) => {
+            let joined = match prev {
+                Some(p) => format!("{p}, {version} spooky"),
+                None => format!("{version} spooky"),
+            };
+            let Ok(v) = HeaderValue::from_str(&joined) else {
+                return;
+            };
+            v
+        }
+    };
+    headers.insert(header::VIA, value);
 }
 
 /// Appends the client to `x-forwarded-for` and to the standard
