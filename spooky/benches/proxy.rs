@@ -607,9 +607,28 @@ fn micros_since(t0: Instant) -> u32 {
     t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
 }
 
+/// What one load client returns: latencies (µs) and the error count.
+type ClientResult = (Vec<u32>, u64);
+
+/// The client threads' results, merged.
+fn join_clients(
+    handles: Vec<std::thread::JoinHandle<Result<ClientResult>>>,
+) -> Result<ClientResult> {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok((lat, errors))
+}
+
 /// The load tasks' latencies (µs) and error counts, merged; a task that
 /// panicked contributes nothing.
-async fn merge_tasks(tasks: Vec<tokio::task::JoinHandle<(Vec<u32>, u64)>>) -> (Vec<u32>, u64) {
+async fn merge_tasks(tasks: Vec<tokio::task::JoinHandle<ClientResult>>) -> ClientResult {
     let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -735,15 +754,7 @@ fn h3_load(
     done.wait();
     let (cpu1, bcpu1) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
     measured.wait();
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for h in handles {
-        let (l, e) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        lat.extend(l);
-        errors += e;
-    }
+    let (lat, errors) = join_clients(handles)?;
     Run::from_latencies(lat, errors, duration, cpu1 - cpu0, bcpu1 - bcpu0)
 }
 
@@ -852,15 +863,7 @@ fn h3_handshakes(
     let (cpu0, bcpu0) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
     done.wait();
     let (cpu1, bcpu1) = (cpu_seconds(proxy_pid), backend_pid.map_or(0.0, cpu_seconds));
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for h in handles {
-        let (l, e) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        lat.extend(l);
-        errors += e;
-    }
+    let (lat, errors) = join_clients(handles)?;
     Run::from_latencies(lat, errors, duration, cpu1 - cpu0, bcpu1 - bcpu0)
 }
 
