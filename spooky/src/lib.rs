@@ -9,7 +9,7 @@
 //! (lifecycle).
 
 pub mod admin;
-pub mod balancer;
+pub use spooky_lb::balancer;
 pub mod body;
 pub mod cid;
 pub mod client;
