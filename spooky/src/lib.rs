@@ -6,7 +6,8 @@
 //! [`upstream`] ([`balancer`], [`health`], retries, pooled connections) →
 //! back. Around it: [`config`], [`tls`], [`cid`] (routable connection IDs),
 //! [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
-//! (lifecycle).
+//! (lifecycle). [`balancer`] and [`health`] are the sans-IO `spooky_lb`
+//! crate, re-exported under their old paths.
 
 pub mod admin;
 pub use spooky_lb::balancer;
@@ -15,7 +16,7 @@ pub mod cid;
 pub mod client;
 pub mod config;
 pub mod demo;
-pub mod health;
+pub use spooky_lb::health;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -1,9 +1,11 @@
 //! Upstreams: the per-worker connection pools that carry requests to
 //! backends, and the errors they report. One module per backend protocol;
 //! each exposes a `send(request) -> response` with streaming bodies.
+//! [`probe`] runs the active health checks over those same clients.
 
 pub mod backend;
 pub mod h3;
+pub mod probe;
 pub mod tcp;
 
 use std::time::Duration;
@@ -1062,8 +1064,8 @@ fn short_detail(e: &UpstreamError) -> String {
 }
 
 impl SharedUpstreams {
-    /// Starts the active health checks (see `health::probe`).
+    /// Starts the active health checks (see [`probe`]).
     pub fn start_health_checks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        crate::health::probe::start(self)
+        probe::start(self)
     }
 }

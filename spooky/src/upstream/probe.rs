@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{ActiveHealthConfig, HealthMachine, HealthState};
 use crate::body;
+use crate::health::{ActiveHealthConfig, HealthMachine, HealthState};
 use crate::upstream::backend::BackendClient;
 use crate::upstream::{SharedUpstream, SharedUpstreams};
 
