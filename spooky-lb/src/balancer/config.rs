@@ -486,7 +486,9 @@ mod tests {
         let v = views(&s, &[0, 1]);
         let h = http::HeaderMap::new();
         let mut b = WeightedRoundRobin::unshifted();
-        let picks: Vec<usize> = (0..4).map(|_| b.pick(&v, &req(&h), &[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..4)
+            .map(|_| b.pick(&v, &req(&h), &[], Instant::now()).unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|i| **i == 0).count(), 2);
     }
 }

@@ -17,6 +17,8 @@
 //! weight-proportional random pick: spreading such requests is better than
 //! pinning them all to the backend of the empty key.
 
+use std::time::Instant;
+
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
@@ -119,6 +121,7 @@ impl Balance for ConsistentHash {
         backends: &[BackendView<'_>],
         req: &RequestInfo<'_>,
         exclude: &[usize],
+        _now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         match self.key_hash(req) {
@@ -184,7 +187,11 @@ mod tests {
         for (key, hash) in cases {
             let mut b = ConsistentHash::with_seed(&key, 1);
             for _ in 0..20 {
-                assert_eq!(b.pick(&v, &r, &[]), Some(owner(hash, &v)), "{key:?}");
+                assert_eq!(
+                    b.pick(&v, &r, &[], Instant::now()),
+                    Some(owner(hash, &v)),
+                    "{key:?}"
+                );
             }
         }
         // IPv4-mapped IPv6 hashes as the IPv4 address.
@@ -193,7 +200,10 @@ mod tests {
             ..r
         };
         let mut b = ConsistentHash::with_seed(&HashKey::ClientIp, 1);
-        assert_eq!(b.pick(&v, &mapped, &[]), b.pick(&v, &r, &[]));
+        assert_eq!(
+            b.pick(&v, &mapped, &[], Instant::now()),
+            b.pick(&v, &r, &[], Instant::now())
+        );
     }
 
     #[test]
@@ -204,7 +214,7 @@ mod tests {
         let mut b = ConsistentHash::with_seed(&HashKey::Cookie { name: "sid".into() }, 1);
         let mut seen = [false; 8];
         for _ in 0..500 {
-            seen[b.pick(&v, &req(&h), &[]).unwrap()] = true;
+            seen[b.pick(&v, &req(&h), &[], Instant::now()).unwrap()] = true;
         }
         assert!(seen.iter().all(|x| *x));
     }
@@ -221,13 +231,13 @@ mod tests {
             },
             1,
         );
-        let first = b.pick(&v, &req(&h), &[]).unwrap();
-        let second = b.pick(&v, &req(&h), &[first]).unwrap();
+        let first = b.pick(&v, &req(&h), &[], Instant::now()).unwrap();
+        let second = b.pick(&v, &req(&h), &[first], Instant::now()).unwrap();
         assert_ne!(first, second);
         // The same as if the first backend had left the pool.
         let mut v2 = v.clone();
         v2[first].eligible = false;
-        assert_eq!(b.pick(&v2, &req(&h), &[]), Some(second));
+        assert_eq!(b.pick(&v2, &req(&h), &[], Instant::now()), Some(second));
     }
 
     proptest! {

@@ -4,6 +4,8 @@
 //! so that when requests complete faster than they arrive (every in-flight
 //! count 0) traffic still follows the weights instead of going uniform.
 
+use std::time::Instant;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -38,6 +40,7 @@ impl Balance for LeastConnections {
         backends: &[BackendView<'_>],
         _req: &RequestInfo<'_>,
         exclude: &[usize],
+        _now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         // (index, in-flight, weight) of the best so far, and the total
@@ -104,10 +107,10 @@ mod tests {
         let _g2: Vec<_> = (0..4).map(|_| s[2].start_request()).collect();
         // Costs 3/1, 1/1, 4/2: backend 1.
         for _ in 0..100 {
-            assert_eq!(b.pick(&v, &r, &[]), Some(1));
+            assert_eq!(b.pick(&v, &r, &[], Instant::now()), Some(1));
         }
         // Excluding it: 4/2 < 3/1.
-        assert_eq!(b.pick(&v, &r, &[1]), Some(2));
+        assert_eq!(b.pick(&v, &r, &[1], Instant::now()), Some(2));
     }
 
     #[test]
@@ -119,7 +122,7 @@ mod tests {
         let r = req(&h);
         let mut b = LeastConnections::with_seed(3);
         let guards: Vec<_> = (0..600)
-            .map(|_| s[b.pick(&v, &r, &[]).unwrap()].start_request())
+            .map(|_| s[b.pick(&v, &r, &[], Instant::now()).unwrap()].start_request())
             .collect();
         let f: Vec<u32> = s.iter().map(|x| x.in_flight()).collect();
         assert_eq!(f, [100, 200, 300]);
@@ -149,7 +152,7 @@ mod tests {
             let v = views(&s, &weights);
             let _g: Vec<_> = loads.iter().enumerate().flat_map(|(i, (f, _))| (0..*f).map(move |_| i)).map(|i| s[i].start_request()).collect();
             let h = http::HeaderMap::new();
-            let i = LeastConnections::with_seed(seed).pick(&v, &req(&h), &[]).unwrap();
+            let i = LeastConnections::with_seed(seed).pick(&v, &req(&h), &[], Instant::now()).unwrap();
             let cost = |j: usize| f64::from(loads[j].0) / f64::from(loads[j].1);
             prop_assert!((0..loads.len()).all(|j| cost(i) <= cost(j)));
         }

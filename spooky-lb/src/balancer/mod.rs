@@ -33,6 +33,7 @@ pub mod sticky_cookie;
 pub mod weighted_round_robin;
 
 use std::net::IpAddr;
+use std::time::Instant;
 
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -74,12 +75,15 @@ pub struct RequestInfo<'a> {
 /// upstream.
 pub trait Balance: Send {
     /// Index into `backends` of the backend to use, following the contract
-    /// in the module docs.
+    /// in the module docs. `now` is the caller's clock (the request's
+    /// timestamp); latency-aware algorithms decay their statistics to it,
+    /// so none of them reads the system clock.
     fn pick(
         &mut self,
         backends: &[BackendView<'_>],
         req: &RequestInfo<'_>,
         exclude: &[usize],
+        now: Instant,
     ) -> Option<usize>;
 
     /// The `Set-Cookie` value to add to the response that `backends[served]`
@@ -182,6 +186,8 @@ pub(crate) fn new_rng() -> SmallRng {
 
 #[cfg(test)]
 pub(crate) mod testutil {
+    pub use std::time::Instant;
+
     use super::*;
 
     pub fn stats(n: usize) -> Vec<BackendStats> {
@@ -223,7 +229,7 @@ pub(crate) mod testutil {
         let r = req(&h);
         let mut counts = vec![0usize; views.len()];
         for _ in 0..picks {
-            if let Some(i) = b.pick(views, &r, &[]) {
+            if let Some(i) = b.pick(views, &r, &[], Instant::now()) {
                 counts[i] += 1;
             }
         }
@@ -256,24 +262,34 @@ pub(crate) mod testutil {
         v[0].eligible = false;
         v[2].eligible = false;
         for _ in 0..200 {
-            let i = b.pick(&v, &r, &[]).unwrap();
+            let i = b.pick(&v, &r, &[], Instant::now()).unwrap();
             assert!(i == 1 || i == 3, "{} picked ineligible {i}", b.name());
         }
         // Exclusion honoured while another eligible backend exists.
         for _ in 0..200 {
-            assert_eq!(b.pick(&v, &r, &[1]), Some(3), "{}", b.name());
-            assert_eq!(b.pick(&v, &r, &[3, 0]), Some(1), "{}", b.name());
+            assert_eq!(
+                b.pick(&v, &r, &[1], Instant::now()),
+                Some(3),
+                "{}",
+                b.name()
+            );
+            assert_eq!(
+                b.pick(&v, &r, &[3, 0], Instant::now()),
+                Some(1),
+                "{}",
+                b.name()
+            );
         }
         // All eligible excluded: pick among them rather than fail.
         for _ in 0..200 {
-            let i = b.pick(&v, &r, &[1, 3]).unwrap();
+            let i = b.pick(&v, &r, &[1, 3], Instant::now()).unwrap();
             assert!(i == 1 || i == 3, "{}", b.name());
         }
         // None eligible.
         for x in &mut v {
             x.eligible = false;
         }
-        assert_eq!(b.pick(&v, &r, &[]), None, "{}", b.name());
-        assert_eq!(make().pick(&[], &r, &[]), None);
+        assert_eq!(b.pick(&v, &r, &[], Instant::now()), None, "{}", b.name());
+        assert_eq!(make().pick(&[], &r, &[], Instant::now()), None);
     }
 }

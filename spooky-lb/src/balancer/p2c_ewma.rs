@@ -60,9 +60,8 @@ impl P2cEwma {
         ewma * (in_flight + 1.0) / weight_of(b) as f64
     }
 
-    /// [`Balance::pick`] with an explicit clock (the trait method uses
-    /// `Instant::now()`); lets the proxy reuse the request's timestamp and
-    /// simulations run on virtual time.
+    /// [`Balance::pick`] without the request (p2c_ewma never looks at it);
+    /// lets simulations run on virtual time without building one.
     pub fn pick_at(
         &mut self,
         backends: &[BackendView<'_>],
@@ -103,8 +102,9 @@ impl Balance for P2cEwma {
         backends: &[BackendView<'_>],
         _req: &RequestInfo<'_>,
         exclude: &[usize],
+        now: Instant,
     ) -> Option<usize> {
-        self.pick_at(backends, exclude, Instant::now())
+        self.pick_at(backends, exclude, now)
     }
 
     fn name(&self) -> &'static str {
@@ -147,6 +147,25 @@ pub(crate) mod tests {
         let mut v2 = v.clone();
         v2[0].weight = 10;
         assert_eq!(b.pick_at(&v2, &[], t), Some(0));
+    }
+
+    /// `pick` decays the latency estimates to the caller's `now`, not to
+    /// the system clock: on virtual time far after backend 0's slow sample,
+    /// that sample has decayed below backend 1's fresh one.
+    #[test]
+    fn pick_uses_the_callers_clock() {
+        let s = stats(2);
+        let v = views(&s, &[1, 1]);
+        let h = http::HeaderMap::new();
+        let t = Instant::now();
+        let later = t + 10 * crate::balancer::DEFAULT_EWMA_DECAY;
+        s[0].record_latency(Duration::from_millis(50), t);
+        s[1].record_latency(Duration::from_millis(10), later);
+        let mut b = P2cEwma::with_seed(1);
+        for _ in 0..20 {
+            assert_eq!(b.pick(&v, &req(&h), &[], t), Some(1));
+            assert_eq!(b.pick(&v, &req(&h), &[], later), Some(0));
+        }
     }
 
     #[test]
@@ -212,14 +231,14 @@ pub(crate) mod tests {
         );
         let mut lc = LeastConnections::with_seed(7);
         let lc_share = simulate(
-            &mut |v, _| lc.pick(v, &r, &[]).unwrap(),
+            &mut |v, _| lc.pick(v, &r, &[], Instant::now()).unwrap(),
             &lat,
             20_000,
             Duration::from_millis(2),
         );
         let mut rr = RoundRobin::starting_at(0);
         let rr_share = simulate(
-            &mut |v, _| rr.pick(v, &r, &[]).unwrap(),
+            &mut |v, _| rr.pick(v, &r, &[], Instant::now()).unwrap(),
             &lat,
             20_000,
             Duration::from_millis(2),

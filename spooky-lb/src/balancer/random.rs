@@ -1,6 +1,8 @@
 //! `random`: weight-proportional random selection. Stateless apart from its
 //! RNG, so it needs no warm-up and never synchronises workers.
 
+use std::time::Instant;
+
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
@@ -35,6 +37,7 @@ impl Balance for Random {
         backends: &[BackendView<'_>],
         _req: &RequestInfo<'_>,
         exclude: &[usize],
+        _now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         weighted_random(&mut self.rng, backends, &c)

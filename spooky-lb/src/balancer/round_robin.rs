@@ -3,6 +3,8 @@
 //! at a random position, so that workers (and spooky instances) started
 //! together do not all hit backend 0 first.
 
+use std::time::Instant;
+
 use rand::Rng;
 
 use super::{BackendView, Balance, Candidates, RequestInfo, new_rng};
@@ -37,6 +39,7 @@ impl Balance for RoundRobin {
         backends: &[BackendView<'_>],
         _req: &RequestInfo<'_>,
         exclude: &[usize],
+        _now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         let n = backends.len();
@@ -71,11 +74,13 @@ mod tests {
         let h = http::HeaderMap::new();
         let r = req(&h);
         let mut b = RoundRobin::starting_at(0);
-        let seq: Vec<usize> = (0..7).map(|_| b.pick(&v, &r, &[]).unwrap()).collect();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| b.pick(&v, &r, &[], Instant::now()).unwrap())
+            .collect();
         assert_eq!(seq, [0, 1, 3, 0, 1, 3, 0]);
         // A retry skips the tried backend and the cycle continues after it.
-        assert_eq!(b.pick(&v, &r, &[1]), Some(3));
-        assert_eq!(b.pick(&v, &r, &[]), Some(0));
+        assert_eq!(b.pick(&v, &r, &[1], Instant::now()), Some(3));
+        assert_eq!(b.pick(&v, &r, &[], Instant::now()), Some(0));
     }
 
     #[test]

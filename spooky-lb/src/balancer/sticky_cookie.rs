@@ -15,6 +15,8 @@
 //! restarts accept each other's cookies; without one, a random per-process
 //! secret (shared by all workers), so cookies are valid until restart.
 
+use std::time::Instant;
+
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
@@ -121,6 +123,7 @@ impl Balance for StickyCookie {
         backends: &[BackendView<'_>],
         req: &RequestInfo<'_>,
         exclude: &[usize],
+        now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         if let Some(i) = self.cookie_backend(backends, req)
@@ -128,7 +131,7 @@ impl Balance for StickyCookie {
         {
             return Some(i);
         }
-        self.fallback.pick(backends, req, exclude)
+        self.fallback.pick(backends, req, exclude, now)
     }
 
     fn set_cookie(
@@ -197,7 +200,7 @@ mod tests {
         let mut b = StickyCookie::with_fallback(&cfg(), Box::new(RoundRobin::starting_at(1)));
         // First visit: fallback picks, cookie issued.
         let empty = HeaderMap::new();
-        let first = b.pick(&v, &req(&empty), &[]).unwrap();
+        let first = b.pick(&v, &req(&empty), &[], Instant::now()).unwrap();
         assert_eq!(first, 1);
         let set = b.set_cookie(&v, first, &req(&empty)).unwrap();
         let s_str = set.to_str().unwrap();
@@ -210,20 +213,23 @@ mod tests {
         // Later visits stick, and no cookie is re-sent.
         let h = with_cookie(&set);
         for _ in 0..10 {
-            assert_eq!(b.pick(&v, &req(&h), &[]), Some(1));
+            assert_eq!(b.pick(&v, &req(&h), &[], Instant::now()), Some(1));
             assert_eq!(b.set_cookie(&v, 1, &req(&h)), None);
         }
         // Retry: the sticky backend was tried, go elsewhere and re-pin.
-        let retry = b.pick(&v, &req(&h), &[1]).unwrap();
+        let retry = b.pick(&v, &req(&h), &[1], Instant::now()).unwrap();
         assert_ne!(retry, 1);
         assert!(b.set_cookie(&v, retry, &req(&h)).is_some());
         // Backend becomes ineligible: fallback and a new cookie.
         v[1].eligible = false;
-        let moved = b.pick(&v, &req(&h), &[]).unwrap();
+        let moved = b.pick(&v, &req(&h), &[], Instant::now()).unwrap();
         assert_ne!(moved, 1);
         let reissued = b.set_cookie(&v, moved, &req(&h)).unwrap();
         assert_ne!(reissued, set);
-        assert_eq!(b.pick(&v, &req(&with_cookie(&reissued)), &[]), Some(moved));
+        assert_eq!(
+            b.pick(&v, &req(&with_cookie(&reissued)), &[], Instant::now()),
+            Some(moved)
+        );
         // Backend gone from the pool (ids change): unknown token, fallback.
         let s2 = stats(2);
         let v2 = vec![
@@ -240,11 +246,11 @@ mod tests {
                 eligible: true,
             },
         ];
-        assert!(b.pick(&v2, &req(&h), &[]).is_some());
+        assert!(b.pick(&v2, &req(&h), &[], Instant::now()).is_some());
         // Garbage cookie: fallback.
         let mut g = HeaderMap::new();
         g.insert(http::header::COOKIE, HeaderValue::from_static("lb=zzzz"));
-        assert!(b.pick(&v, &req(&g), &[]).is_some());
+        assert!(b.pick(&v, &req(&g), &[], Instant::now()).is_some());
     }
 
     #[test]

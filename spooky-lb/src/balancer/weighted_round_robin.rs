@@ -4,6 +4,8 @@
 //! `a a b a c a a` rather than `a a a a a b c`: the heaviest backend gets
 //! its share spread out, never in a burst.
 
+use std::time::Instant;
+
 use rand::Rng;
 
 use super::{BackendView, Balance, Candidates, RequestInfo, new_rng, weight_of};
@@ -76,6 +78,7 @@ impl Balance for WeightedRoundRobin {
         backends: &[BackendView<'_>],
         _req: &RequestInfo<'_>,
         exclude: &[usize],
+        _now: Instant,
     ) -> Option<usize> {
         let c = Candidates::new(backends, exclude)?;
         if self.current.len() != backends.len() {
@@ -118,7 +121,7 @@ mod tests {
         let r = req(&h);
         let mut b = WeightedRoundRobin::unshifted();
         let seq: String = (0..14)
-            .map(|_| ["a", "b", "c"][b.pick(&v, &r, &[]).unwrap()])
+            .map(|_| ["a", "b", "c"][b.pick(&v, &r, &[], Instant::now()).unwrap()])
             .collect();
         assert_eq!(seq, "aabacaaaabacaa");
     }
@@ -134,7 +137,7 @@ mod tests {
             WeightedRoundRobin::unshifted()
         };
         (0..n)
-            .map(|_| b.pick(&v, &r, &[]).unwrap_or(usize::MAX))
+            .map(|_| b.pick(&v, &r, &[], Instant::now()).unwrap_or(usize::MAX))
             .collect()
     }
 

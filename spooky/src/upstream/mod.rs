@@ -786,7 +786,7 @@ impl WorkerUpstreams {
                     }),
             );
             let pick = match up.balancer.lock() {
-                Ok(mut bal) => bal.pick(&views, &info, &tried),
+                Ok(mut bal) => bal.pick(&views, &info, &tried, now),
                 Err(_) => None,
             };
             let Some(bi) = pick else {
