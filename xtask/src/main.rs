@@ -244,6 +244,56 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Crates that do I/O or bring an async runtime; spooky-lb must not
+/// depend on any of them, or its state machines could start doing I/O.
+const LB_FORBIDDEN: &[&str] = &["tokio", "quinn", "quinn-proto", "hyper", "h3"];
+
+/// Fails if spooky-lb's normal (non-dev) dependency tree names a crate of
+/// [`LB_FORBIDDEN`].
+fn check_lb_sans_io(root: &Path) -> Result<()> {
+    let out = cargo()
+        .current_dir(root)
+        .args([
+            "tree",
+            "-p",
+            "spooky-lb",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("cannot run cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree -p spooky-lb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let found = forbidden_in_tree(&String::from_utf8_lossy(&out.stdout));
+    if !found.is_empty() {
+        bail!(
+            "spooky-lb must stay sans-IO, but depends on: {}",
+            found.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The forbidden crates named in `cargo tree --prefix none` output (one
+/// `name vX.Y.Z [extra]` per line).
+fn forbidden_in_tree(tree: &str) -> Vec<String> {
+    let mut found: Vec<String> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| LB_FORBIDDEN.contains(name))
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
 fn test(args: &[String], no_lint: bool) -> Result<()> {
     let root = root()?;
     let started = Instant::now();
@@ -266,6 +316,8 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
             "warnings",
         ]))?;
     }
+    eprintln!("xtask: spooky-lb stays sans-IO (dependency tree)");
+    check_lb_sans_io(&root)?;
     if have("clang-19") || have("clang") {
         eprintln!("xtask: checking the committed eBPF object against its source");
         ebpf::check()?;
@@ -316,4 +368,16 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forbidden_in_tree;
+
+    #[test]
+    fn finds_forbidden_crates_by_exact_name() {
+        let tree = "spooky-lb v0.1.0 (/w/spooky-lb)\nhttp v1.3.1\ntokio v1.48.0\ntokio-util v0.7.0\nh3 v0.0.8 (/w/vendor/h3)\nh3-quinn v0.0.10\n";
+        assert_eq!(forbidden_in_tree(tree), ["h3", "tokio"]);
+        assert!(forbidden_in_tree("spooky-lb v0.1.0\nrand v0.9.5\n").is_empty());
+    }
 }
