@@ -1,6 +1,7 @@
 //! spooky against a peer proxy (Caddy) on the same backend and the same
-//! client, measured side by side in one run (DESIGN.md, "How to measure":
-//! the machine is shared, so only interleaved A/B figures mean anything).
+//! client, measured side by side in one run (ARCHITECTURE.md, "How to
+//! measure": the machine is shared, so only interleaved A/B figures mean
+//! anything).
 //!
 //! * `h3`: HTTP/3 proxying. nginx (`return 200 "hello\n"`, HTTP/1.1
 //!   keep-alive) behind spooky (`protocol: http1`) and behind Caddy
