@@ -2,7 +2,7 @@
 //! mirrors every type here with `_Static_assert`s) and the userspace control
 //! plane that fills the maps.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 /// Entries in the worker table: the worker octet of a CID indexes it.
 pub const MAX_WORKERS: u32 = 256;
@@ -270,12 +270,28 @@ impl XdpCounter {
     }
 }
 
-// The C side asserts the same sizes (maps.h).
+// The layout the kernel side compiles against: maps.h asserts the same
+// size and the same offset for every field (`_Static_assert`), so a field
+// added, moved or resized on one side only fails to build on that side.
+// The sizes also prove there is no padding, which the `Pod` impls rely on.
 const _: () = assert!(size_of::<SteeringConfig>() == 16);
+const _: () = assert!(offset_of!(SteeringConfig, live_count) == 0);
+const _: () = assert!(offset_of!(SteeringConfig, cid_len) == 4);
+const _: () = assert!(offset_of!(SteeringConfig, first_octet) == 5);
+const _: () = assert!(offset_of!(SteeringConfig, node_id_len) == 6);
+const _: () = assert!(offset_of!(SteeringConfig, enabled) == 7);
+const _: () = assert!(offset_of!(SteeringConfig, node_id) == 8);
 const _: () = assert!(size_of::<WorkerSlot>() == 8);
+const _: () = assert!(offset_of!(WorkerSlot, cpu) == 0);
+const _: () = assert!(offset_of!(WorkerSlot, state) == 4);
+const _: () = assert!(size_of::<WorkerState>() == 4);
 const _: () = assert!(size_of::<PortSet>() == 8192);
+const _: () = assert!(offset_of!(PortSet, bits) == 0);
 const _: () = assert!(size_of::<InitialLimit>() == 16);
+const _: () = assert!(offset_of!(InitialLimit, interval_ns) == 0);
+const _: () = assert!(offset_of!(InitialLimit, burst_ns) == 8);
 const _: () = assert!(size_of::<SourcePrefix>() == 16);
+const _: () = assert!(offset_of!(SourcePrefix, octets) == 0);
 const _: () = assert!(XdpCounter::ALL.len() == XdpCounter::COUNT as usize);
 
 #[cfg(feature = "aya")]
