@@ -2,7 +2,7 @@
 //! mirrors every type here with `_Static_assert`s) and the userspace control
 //! plane that fills the maps.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 /// Entries in the worker table: the worker octet of a CID indexes it.
 pub const MAX_WORKERS: u32 = 256;
@@ -187,95 +187,106 @@ pub enum WorkerState {
     Draining = 2,
 }
 
-/// Index of each per-CPU counter. The XDP program bumps exactly one
-/// counter per packet it sees.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpCounter {
+/// Defines [`XdpCounter`] from one list: the variants with their indices,
+/// [`XdpCounter::COUNT`], [`XdpCounter::ALL`] and [`XdpCounter::name`]
+/// cannot disagree. The C side (`SPOOKY_CTR_*` in `spooky-ebpf/src/consts.h`)
+/// is checked against this list name for name and value for value by the
+/// `c_counters_match` test below, and `/metrics` labels come from `name()`.
+macro_rules! xdp_counters {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal => $name:literal,)+) => {
+        /// Index of each per-CPU counter. The XDP program bumps exactly one
+        /// counter per packet it sees.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum XdpCounter {
+            $($(#[$doc])* $variant = $index,)+
+        }
+
+        impl XdpCounter {
+            /// Every counter in index order.
+            pub const ALL: [XdpCounter; Self::COUNT as usize] = [$(XdpCounter::$variant,)+];
+
+            /// Stable snake_case name, used as the metrics label (and, in
+            /// upper case after `SPOOKY_CTR_`, as the C name).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(XdpCounter::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+xdp_counters! {
     /// Not UDP to a listener port (or steering disabled): `XDP_PASS`.
-    PassOther = 0,
+    PassOther = 0 => "pass_other",
     /// Short header, owner worker runs on this CPU: `XDP_PASS`.
-    ShortLocal = 1,
+    ShortLocal = 1 => "short_local",
     /// Short header redirected to the owner's CPU.
-    ShortRedirect = 2,
+    ShortRedirect = 2 => "short_redirect",
     /// Long header with a CID of ours, owner on this CPU: `XDP_PASS`.
-    LongOursLocal = 3,
+    LongOursLocal = 3 => "long_ours_local",
     /// Long header with a CID of ours, redirected to the owner's CPU.
-    LongOursRedirect = 4,
+    LongOursRedirect = 4 => "long_ours_redirect",
     /// Long header with a client-chosen DCID hashed to a worker on this CPU.
-    LongHashLocal = 5,
+    LongHashLocal = 5 => "long_hash_local",
     /// Long header with a client-chosen DCID hashed and redirected.
-    LongHashRedirect = 6,
+    LongHashRedirect = 6 => "long_hash_redirect",
     /// A CID of ours naming an absent worker (or an absent CPU), re-hashed.
-    UnknownWorker = 7,
+    UnknownWorker = 7 => "unknown_worker",
     /// No live worker to hash to: `XDP_PASS` (userspace decides).
-    NoLiveWorker = 8,
+    NoLiveWorker = 8 => "no_live_worker",
     /// Dropped: UDP payload too short to be QUIC.
-    DropTooShort = 9,
+    DropTooShort = 9 => "drop_too_short",
     /// Dropped: QUIC fixed bit clear.
-    DropFixedBit = 10,
+    DropFixedBit = 10 => "drop_fixed_bit",
     /// Dropped: Initial in a datagram below 1200 bytes (RFC 9000 §14.1).
-    DropSmallInitial = 11,
+    DropSmallInitial = 11 => "drop_small_initial",
     /// Dropped: long header with a DCID length above 20 (v1) or truncated.
-    DropBadLongHeader = 12,
+    DropBadLongHeader = 12 => "drop_bad_long_header",
     /// `bpf_redirect_map` failed: `XDP_PASS`.
-    RedirectFailed = 13,
+    RedirectFailed = 13 => "redirect_failed",
     /// Dropped: a new-connection Initial beyond its source's rate
     /// ([`InitialLimit`]).
-    DropInitialRate = 14,
+    DropInitialRate = 14 => "drop_initial_rate",
 }
 
 impl XdpCounter {
     /// Number of counters (the counter map's size).
     pub const COUNT: u32 = 15;
-
-    /// Every counter in index order.
-    pub const ALL: [XdpCounter; Self::COUNT as usize] = [
-        XdpCounter::PassOther,
-        XdpCounter::ShortLocal,
-        XdpCounter::ShortRedirect,
-        XdpCounter::LongOursLocal,
-        XdpCounter::LongOursRedirect,
-        XdpCounter::LongHashLocal,
-        XdpCounter::LongHashRedirect,
-        XdpCounter::UnknownWorker,
-        XdpCounter::NoLiveWorker,
-        XdpCounter::DropTooShort,
-        XdpCounter::DropFixedBit,
-        XdpCounter::DropSmallInitial,
-        XdpCounter::DropBadLongHeader,
-        XdpCounter::RedirectFailed,
-        XdpCounter::DropInitialRate,
-    ];
-
-    /// Stable snake_case name, used as the metrics label.
-    pub const fn name(self) -> &'static str {
-        match self {
-            XdpCounter::PassOther => "pass_other",
-            XdpCounter::ShortLocal => "short_local",
-            XdpCounter::ShortRedirect => "short_redirect",
-            XdpCounter::LongOursLocal => "long_ours_local",
-            XdpCounter::LongOursRedirect => "long_ours_redirect",
-            XdpCounter::LongHashLocal => "long_hash_local",
-            XdpCounter::LongHashRedirect => "long_hash_redirect",
-            XdpCounter::UnknownWorker => "unknown_worker",
-            XdpCounter::NoLiveWorker => "no_live_worker",
-            XdpCounter::DropTooShort => "drop_too_short",
-            XdpCounter::DropFixedBit => "drop_fixed_bit",
-            XdpCounter::DropSmallInitial => "drop_small_initial",
-            XdpCounter::DropBadLongHeader => "drop_bad_long_header",
-            XdpCounter::RedirectFailed => "redirect_failed",
-            XdpCounter::DropInitialRate => "drop_initial_rate",
-        }
-    }
 }
 
-// The C side asserts the same sizes (maps.h).
+// Indices are the map's: dense, in list order, from 0.
+const _: () = {
+    let mut i = 0;
+    while i < XdpCounter::ALL.len() {
+        assert!(XdpCounter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+// The layout the kernel side compiles against: maps.h asserts the same
+// size and the same offset for every field (`_Static_assert`), so a field
+// added, moved or resized on one side only fails to build on that side.
+// The sizes also prove there is no padding, which the `Pod` impls rely on.
 const _: () = assert!(size_of::<SteeringConfig>() == 16);
+const _: () = assert!(offset_of!(SteeringConfig, live_count) == 0);
+const _: () = assert!(offset_of!(SteeringConfig, cid_len) == 4);
+const _: () = assert!(offset_of!(SteeringConfig, first_octet) == 5);
+const _: () = assert!(offset_of!(SteeringConfig, node_id_len) == 6);
+const _: () = assert!(offset_of!(SteeringConfig, enabled) == 7);
+const _: () = assert!(offset_of!(SteeringConfig, node_id) == 8);
 const _: () = assert!(size_of::<WorkerSlot>() == 8);
+const _: () = assert!(offset_of!(WorkerSlot, cpu) == 0);
+const _: () = assert!(offset_of!(WorkerSlot, state) == 4);
+const _: () = assert!(size_of::<WorkerState>() == 4);
 const _: () = assert!(size_of::<PortSet>() == 8192);
+const _: () = assert!(offset_of!(PortSet, bits) == 0);
 const _: () = assert!(size_of::<InitialLimit>() == 16);
+const _: () = assert!(offset_of!(InitialLimit, interval_ns) == 0);
+const _: () = assert!(offset_of!(InitialLimit, burst_ns) == 8);
 const _: () = assert!(size_of::<SourcePrefix>() == 16);
+const _: () = assert!(offset_of!(SourcePrefix, octets) == 0);
 const _: () = assert!(XdpCounter::ALL.len() == XdpCounter::COUNT as usize);
 
 #[cfg(feature = "aya")]
@@ -291,6 +302,10 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    // The crate is no_std; its tests run on the host and may allocate.
+    extern crate std;
+    use std::{borrow::ToOwned, string::String, vec::Vec};
+
     use super::*;
 
     #[test]
@@ -333,6 +348,53 @@ mod tests {
         assert_eq!(a, b, "one /64");
         assert_ne!(a, c);
         assert_eq!(a.octets[8..], [0; 8]);
+    }
+
+    /// `SPOOKY_CTR_<NAME> <value>` lines of the C header.
+    fn c_counters(header: &str) -> Vec<(&str, u64)> {
+        header
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                if it.next() != Some("#define") {
+                    return None;
+                }
+                let name = it.next()?.strip_prefix("SPOOKY_CTR_")?;
+                Some((name, it.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The C counter list (consts.h) is this one: same names, same values,
+    /// nothing more, nothing less.
+    #[test]
+    fn c_counters_match() {
+        let header = include_str!("../../spooky-ebpf/src/consts.h");
+        let mut c = c_counters(header);
+        let count = c
+            .iter()
+            .position(|(n, _)| *n == "COUNT")
+            .map(|i| c.remove(i));
+        assert_eq!(count, Some(("COUNT", u64::from(XdpCounter::COUNT))));
+        let rust: Vec<(String, u64)> = XdpCounter::ALL
+            .iter()
+            .map(|&x| (x.name().to_uppercase(), x as u64))
+            .collect();
+        let c: Vec<(String, u64)> = c.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+        assert_eq!(
+            c, rust,
+            "spooky-ebpf/src/consts.h SPOOKY_CTR_* vs XdpCounter"
+        );
+    }
+
+    #[test]
+    fn c_counter_parser_sees_drift() {
+        let header = "#define SPOOKY_CTR_PASS_OTHER 0\n#define SPOOKY_CTR_NEW 1\n\
+                      #define SPOOKY_MAX_CPUS 256\n#define SPOOKY_CTR_COUNT 2\n";
+        assert_eq!(
+            c_counters(header),
+            [("PASS_OTHER", 0), ("NEW", 1), ("COUNT", 2)]
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR MIT) */
 /*
  * BTF map definitions. Names, key/value layouts and sizes are those of
- * spooky_common::maps (the Rust side asserts the same sizes); userspace
- * looks every map up by name, so renaming one here breaks the loader.
+ * spooky_common::maps; both sides assert every struct's size and every
+ * field's offset at compile time. Userspace looks every map up by name, so
+ * renaming one here breaks the loader.
  */
 #ifndef SPOOKY_MAPS_H
 #define SPOOKY_MAPS_H
@@ -22,7 +23,10 @@ struct spooky_config {
 	__u8 node_id[SPOOKY_MAX_NODE_ID_LEN];
 };
 _Static_assert(sizeof(struct spooky_config) == 16, "SteeringConfig is 16 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_config, live_count) == 0, "SteeringConfig::live_count");
 _Static_assert(__builtin_offsetof(struct spooky_config, cid_len) == 4, "SteeringConfig::cid_len");
+_Static_assert(__builtin_offsetof(struct spooky_config, first_octet) == 5, "SteeringConfig::first_octet");
+_Static_assert(__builtin_offsetof(struct spooky_config, node_id_len) == 6, "SteeringConfig::node_id_len");
 _Static_assert(__builtin_offsetof(struct spooky_config, enabled) == 7, "SteeringConfig::enabled");
 _Static_assert(__builtin_offsetof(struct spooky_config, node_id) == 8, "SteeringConfig::node_id");
 
@@ -32,6 +36,7 @@ struct spooky_worker_slot {
 	__u32 state;
 };
 _Static_assert(sizeof(struct spooky_worker_slot) == 8, "WorkerSlot is 8 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_worker_slot, cpu) == 0, "WorkerSlot::cpu");
 _Static_assert(__builtin_offsetof(struct spooky_worker_slot, state) == 4, "WorkerSlot::state");
 
 /* spooky_common::maps::PortSet: bit p % 64 of bits[p / 64] is port p. */
@@ -39,6 +44,7 @@ struct spooky_port_set {
 	__u64 bits[SPOOKY_PORT_SET_WORDS];
 };
 _Static_assert(sizeof(struct spooky_port_set) == 8192, "PortSet is 8192 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_port_set, bits) == 0, "PortSet::bits");
 
 /* spooky_common::maps::InitialLimit; interval_ns == 0: no limit. */
 struct spooky_initial_limit {
@@ -46,6 +52,8 @@ struct spooky_initial_limit {
 	__u64 burst_ns;
 };
 _Static_assert(sizeof(struct spooky_initial_limit) == 16, "InitialLimit is 16 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_initial_limit, interval_ns) == 0,
+	       "InitialLimit::interval_ns");
 _Static_assert(__builtin_offsetof(struct spooky_initial_limit, burst_ns) == 8,
 	       "InitialLimit::burst_ns");
 
@@ -54,6 +62,7 @@ struct spooky_source_prefix {
 	__u8 octets[16];
 };
 _Static_assert(sizeof(struct spooky_source_prefix) == 16, "SourcePrefix is 16 bytes");
+_Static_assert(__builtin_offsetof(struct spooky_source_prefix, octets) == 0, "SourcePrefix::octets");
 
 /*
  * Single entry: the UDP listener ports (host byte order). A bitmap in an

@@ -1,6 +1,7 @@
 //! spooky against a peer proxy (Caddy) on the same backend and the same
-//! client, measured side by side in one run (DESIGN.md, "How to measure":
-//! the machine is shared, so only interleaved A/B figures mean anything).
+//! client, measured side by side in one run (ARCHITECTURE.md, "How to
+//! measure": the machine is shared, so only interleaved A/B figures mean
+//! anything).
 //!
 //! * `h3`: HTTP/3 proxying. nginx (`return 200 "hello\n"`, HTTP/1.1
 //!   keep-alive) behind spooky (`protocol: http1`) and behind Caddy
@@ -50,6 +51,10 @@
 //! connections; `--default-pools` measures their stock settings instead.
 //! Without `--bench` (that is, under `cargo test --all-targets`) it only
 //! prints how to run it.
+
+// A benchmark: a failed setup step aborts the run, which is what unwrap
+// does; the workspace denies it only for runtime code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "proxy/report.rs"]
 mod report;

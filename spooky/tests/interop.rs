@@ -11,10 +11,14 @@
 //!   the client a 502 logged with the backend's id, and a body cut short
 //!   reaches the client as a stream error, never as a clean end.
 //!
-//! The loss test needs root (namespaces, nftables) and follows DESIGN.md:
-//! without root it skips, unless SPOOKY_PRIVILEGED_TESTS=1 makes that a
-//! failure. The ngtcp2 tests skip without `gtlsclient`, unless
-//! SPOOKY_REQUIRE_TOOLS=1.
+//! The loss test needs root (namespaces, nftables) and follows
+//! ARCHITECTURE.md's "Test topology rules": without root it skips, unless
+//! SPOOKY_PRIVILEGED_TESTS=1 makes that a failure. The ngtcp2 tests skip
+//! without `gtlsclient`, unless SPOOKY_REQUIRE_TOOLS=1.
+
+// A test target: its helpers outside #[test] fns (support/, fixtures) fail
+// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -9,6 +9,10 @@
 //! and sees the same namespace; it checks the kernel's view independently
 //! of the code under test.
 
+// A test target: its helpers outside #[test] fns (support/, fixtures) fail
+// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "support/privilege.rs"]
 mod privilege;
 
@@ -326,7 +330,8 @@ fn datagrams_reach_the_worker_their_cid_names() {
             go_rx.recv().unwrap();
             ip(&["addr", "add", "198.18.0.1/30", "dev", "spk1"]);
             ip(&["link", "set", "spk1", "up"]);
-            // DESIGN.md: after an XDP redirect the receiver drops UDP whose
+            // ARCHITECTURE.md, "Test topology rules": after an XDP redirect the
+            // receiver drops UDP whose
             // checksum the sending veth left partial.
             let out = Command::new("ethtool")
                 .args(["-K", "spk1", "tx", "off"])

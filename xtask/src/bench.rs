@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: the benchmarks that check spooky's speed and memory
 //! targets, each reported as a ratio against a peer measured in the same
-//! run (DESIGN.md: this machine is shared, so only side-by-side figures
-//! mean anything).
+//! run (ARCHITECTURE.md, "How to measure": this machine is shared, so
+//! only side-by-side figures mean anything).
 //!
 //! * `xdp`: XDP program cost per packet class (`benches/xdp_steering.rs`).
 //! * `proxy`: HTTP/3 (own load generator) and HTTP/2 (`h2load`) through

@@ -3,6 +3,7 @@
 
 mod bench;
 mod ebpf;
+mod vendor;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -64,6 +65,12 @@ enum Cmd {
     BuildEbpf,
     /// Fail when the committed spooky.bpf.o does not match its C source.
     CheckEbpf,
+    /// Rewrite vendor/h3/spooky.patch and vendor/quinn-proto/spooky.patch: the
+    /// vendored trees against the crates as published (fetched when missing).
+    VendorPatches,
+    /// Fail when Cargo.lock resolves h3 or quinn-proto from the registry
+    /// instead of vendor/, or when a committed spooky.patch is stale.
+    CheckVendor,
 }
 
 fn main() -> Result<()> {
@@ -79,6 +86,8 @@ fn main() -> Result<()> {
         } => bench::run(seconds, rounds, only.as_deref(), quick, !no_install),
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::CheckEbpf => ebpf::check(),
+        Cmd::VendorPatches => vendor::write_patches(),
+        Cmd::CheckVendor => vendor::check(),
     }
 }
 
@@ -316,6 +325,10 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
             "warnings",
         ]))?;
     }
+    // Before any test: a dropped [patch.crates-io] entry would test the
+    // published h3 or quinn-proto, without spooky's fixes.
+    eprintln!("xtask: checking the vendored crates and their patches");
+    vendor::check()?;
     eprintln!("xtask: spooky-lb stays sans-IO (dependency tree)");
     check_lb_sans_io(&root)?;
     if have("clang-19") || have("clang") {

@@ -1,8 +1,9 @@
 //! Two network namespaces joined by a veth pair, for end-to-end tests that
 //! need real packet paths (XDP on a veth, clients that change address).
 //!
-//! Follows DESIGN.md's rules for such tests: addresses only from the RFC
-//! 2544 range 198.18.0.0/15, no default route, names unique per test run
+//! Follows the rules for such tests (ARCHITECTURE.md, "Test topology
+//! rules"): addresses only from the RFC 2544 range 198.18.0.0/15, no
+//! default route, names unique per test run
 //! (they carry the test process's pid), and everything removed by `Drop`,
 //! on success, on failure and while a panic unwinds. Namespaces a killed
 //! run left behind (their pid is gone) are removed by the next run.
@@ -125,9 +126,9 @@ impl VethPair {
     /// Creates `spooky-t-<pid>-<tag>-c` and `...-s`, a veth between them
     /// (`vc` ↔ `vs`), 198.18.0.1/24 on the client side and 198.18.0.2/24
     /// on the server side, `lo` up in both, and TX checksum offload off on
-    /// the client end (see DESIGN.md: a veth with TX checksum offload sends
-    /// UDP with a partial checksum, which the receiving stack drops after
-    /// an XDP redirect).
+    /// the client end (ARCHITECTURE.md, "Test topology rules": a veth with
+    /// TX checksum offload sends UDP with a partial checksum, which the
+    /// receiving stack drops after an XDP redirect).
     ///
     /// The server end keeps its offloads: what it sends reaches the client
     /// through no XDP program, so a partial checksum there is fine. Neither

@@ -1,5 +1,5 @@
-//! Root-only tests follow DESIGN.md: without root they skip with a printed
-//! reason, unless `SPOOKY_PRIVILEGED_TESTS=1` (set by CI), where a missing
+//! Root-only tests follow ARCHITECTURE.md ("Test topology rules"): without
+//! root they skip with a printed reason, unless `SPOOKY_PRIVILEGED_TESTS=1` (set by CI), where a missing
 //! privilege fails the test instead.
 
 /// Returns `true` when the test may run. Prints why it skips otherwise, and
