@@ -352,10 +352,16 @@ mod tests {
             let auth = format!("{scheme} 0123456789abcdef0123");
             assert!(authorized(&req(Some(&auth)), token), "{auth}");
         }
-        assert!(authorized(&req(Some("Bearer  0123456789abcdef0123")), token));
+        assert!(authorized(
+            &req(Some("Bearer  0123456789abcdef0123")),
+            token
+        ));
         assert!(!authorized(&req(Some("Bearer")), token));
         assert!(!authorized(&req(Some("Bearer0123456789abcdef0123")), token));
-        assert!(!authorized(&req(Some("Bearerx 0123456789abcdef0123")), token));
+        assert!(!authorized(
+            &req(Some("Bearerx 0123456789abcdef0123")),
+            token
+        ));
         assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -739,11 +739,15 @@ async fn http1_requests_need_exactly_one_host() {
     let cases = [
         (
             "two hosts",
-            format!("GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: evil.example\r\nconnection: close\r\n\r\n"),
+            format!(
+                "GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: evil.example\r\nconnection: close\r\n\r\n"
+            ),
         ),
         (
             "two equal hosts",
-            format!("GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+            format!(
+                "GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+            ),
         ),
         (
             "no host",

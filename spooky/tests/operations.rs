@@ -959,8 +959,12 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
 
     // The idle one, frame by frame.
     let mut s = tcp_tls_to(&sp, &[b"h2"]).await;
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    s.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[])).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut goaway_after = None;
     let mut buf = Vec::new();
@@ -970,7 +974,9 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
     'read: loop {
         assert!(Instant::now() < deadline, "not closed within 10 s");
         if Instant::now() >= next_ping && goaway_after.is_none() {
-            s.write_all(&h2_frame(H2_PING, 0, 0, &[7; 8])).await.unwrap();
+            s.write_all(&h2_frame(H2_PING, 0, 0, &[7; 8]))
+                .await
+                .unwrap();
             next_ping += Duration::from_millis(200);
         }
         let n = match tokio::time::timeout(Duration::from_millis(100), s.read(&mut chunk)).await {
@@ -988,12 +994,14 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
             let payload: Vec<u8> = buf[9..9 + len].to_vec();
             buf.drain(..9 + len);
             match kind {
-                H2_SETTINGS if flags & 1 == 0 => {
-                    s.write_all(&h2_frame(H2_SETTINGS, 1, 0, &[])).await.unwrap()
-                }
-                H2_PING if flags & 1 == 0 => {
-                    s.write_all(&h2_frame(H2_PING, 1, 0, &payload)).await.unwrap()
-                }
+                H2_SETTINGS if flags & 1 == 0 => s
+                    .write_all(&h2_frame(H2_SETTINGS, 1, 0, &[]))
+                    .await
+                    .unwrap(),
+                H2_PING if flags & 1 == 0 => s
+                    .write_all(&h2_frame(H2_PING, 1, 0, &payload))
+                    .await
+                    .unwrap(),
                 H2_GOAWAY if goaway_after.is_none() => goaway_after = Some(started.elapsed()),
                 _ => {}
             }
@@ -1122,5 +1130,8 @@ async fn max_connection_age_closes_busy_connections_gracefully() {
         "{resp}"
     );
     let took = time_to_close(&mut s, Duration::from_secs(5)).await;
-    assert!(took.is_some(), "HTTP/1.1 connection still open after its last response");
+    assert!(
+        took.is_some(),
+        "HTTP/1.1 connection still open after its last response"
+    );
 }
