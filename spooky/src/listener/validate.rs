@@ -1,5 +1,6 @@
 //! Request validation for HTTP/3 and HTTP/2 clients (RFC 9114 §4.1.2–4.3,
-//! RFC 9113 §8.2–8.3): decides whether a decoded request head is
+//! RFC 9113 §8.2–8.3), and the `host` rules of RFC 9112 §3.2 for
+//! HTTP/1.1 clients (hyper's parser does the rest of HTTP/1.1): decides whether a decoded request head is
 //! malformed, so that nothing malformed is forwarded to a backend. A proxy
 //! that turns a request carrying, say, `transfer-encoding` or two
 //! disagreeing `content-length`s into HTTP/1.1 hands the backend a
