@@ -109,8 +109,16 @@ fn authorized<B>(req: &Request<B>, token: Option<&str>) -> bool {
     req.headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+        .and_then(bearer_credentials)
+        .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+}
+
+/// The token of a `Bearer` credential. RFC 9110 §11.1: the auth-scheme is
+/// case-insensitive and separated from its credentials by one or more
+/// spaces, so `bearer x` and `BEARER  x` are the same as `Bearer x`.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 async fn handle(
@@ -339,6 +347,21 @@ mod tests {
         assert!(!authorized(&req(Some("Bearer wrong")), token));
         assert!(!authorized(&req(Some("Basic 0123456789abcdef0123")), token));
         assert!(authorized(&req(Some("Bearer 0123456789abcdef0123")), token));
+        // RFC 9110 §11.1: the scheme is case-insensitive.
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let auth = format!("{scheme} 0123456789abcdef0123");
+            assert!(authorized(&req(Some(&auth)), token), "{auth}");
+        }
+        assert!(authorized(
+            &req(Some("Bearer  0123456789abcdef0123")),
+            token
+        ));
+        assert!(!authorized(&req(Some("Bearer")), token));
+        assert!(!authorized(&req(Some("Bearer0123456789abcdef0123")), token));
+        assert!(!authorized(
+            &req(Some("Bearerx 0123456789abcdef0123")),
+            token
+        ));
         assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -169,7 +169,9 @@ impl H3Client {
                 ExchangeError::BodyTooLarge(n) => {
                     ClientError::Request(format!("body over {n} bytes"))
                 }
-                ExchangeError::BodyAborted(r) => ClientError::Request(r),
+                ExchangeError::BodyAborted(r) | ExchangeError::BodyMalformed(r) => {
+                    ClientError::Request(r)
+                }
             })
     }
 

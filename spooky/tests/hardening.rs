@@ -690,3 +690,136 @@ async fn http2_clients_get_400_for_what_h2_lets_through() {
     assert_eq!(recorder.complete().len(), 1);
     assert_no_panic(&sp);
 }
+
+/// A TLS connection to spooky's TCP listener offering `alpn`.
+async fn tcp_tls(
+    sp: &Spooky,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = spooky::tls::client_config(
+        &spooky::tls::Verification::CaFile(sp.cert()),
+        rustls::DEFAULT_VERSIONS,
+        alpn,
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Writes `request` on a fresh HTTP/1.1 connection and reads until the
+/// connection ends or the response head and `connection: close` are in
+/// (bounded: 10 s, 64 KiB).
+async fn h1_exchange(sp: &Spooky, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tcp_tls(sp, &[b"http/1.1"]).await;
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while out.len() < 64 * 1024 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no end of response within 10 s: {out:?}");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request with two `host` lines (or none)
+/// gets 400 and never reaches the backend; before, the first was
+/// forwarded and routed on.
+#[tokio::test]
+async fn http1_requests_need_exactly_one_host() {
+    let recorder = Recorder::start();
+    let sp = spooky_before(&recorder);
+    let host = format!("localhost:{}", sp.port);
+    let cases = [
+        (
+            "two hosts",
+            format!(
+                "GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: evil.example\r\nconnection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "two equal hosts",
+            format!(
+                "GET /dup HTTP/1.1\r\nhost: {host}\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "no host",
+            "GET /none HTTP/1.1\r\nconnection: close\r\n\r\n".to_owned(),
+        ),
+    ];
+    for (case, request) in cases {
+        let resp = h1_exchange(&sp, request.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{case}: {resp}");
+        assert!(resp.contains("malformed request"), "{case}: {resp}");
+    }
+    assert_eq!(recorder.raw_len(), 0, "{}", recorder.raw_text());
+    // Positive control.
+    let ok = format!("GET /one HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let resp = h1_exchange(&sp, ok.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(recorder.complete().len(), 1);
+    assert_no_panic(&sp);
+}
+
+/// An HTTP/1.1 request body with broken chunked framing is the client's
+/// error: 400 (it was 502, as if the backend had failed), and the
+/// upstream request is aborted, never completed.
+#[tokio::test]
+async fn malformed_chunked_body_gets_400_and_aborts_upstream() {
+    let recorder = Recorder::start();
+    let sp = spooky_before(&recorder);
+    let host = format!("localhost:{}", sp.port);
+    let bodies = [
+        ("bad chunk size", "5\r\nhello\r\nzz\r\n\r\n"),
+        ("no CRLF after the chunk", "5\r\nhelloXX0\r\n\r\n"),
+    ];
+    for (case, body) in bodies {
+        let request = format!(
+            "POST /chunked HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n{body}"
+        );
+        let resp = h1_exchange(&sp, request.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{case}: {resp}");
+        assert!(resp.contains("malformed request body"), "{case}: {resp}");
+    }
+    assert!(
+        recorder.complete().is_empty(),
+        "a malformed body completed upstream: {:?}",
+        recorder.complete()
+    );
+    // Positive control: well-formed chunks go through.
+    let request = format!(
+        "POST /chunked HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let resp = h1_exchange(&sp, request.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(recorder.complete().len(), 1);
+    assert_no_panic(&sp);
+}
+
+/// Over HTTP/3 a first `host` that disagrees with `:authority` should get
+/// the same 400 as on HTTP/2 and HTTP/1.1. The vendored h3 rejects it
+/// first (`vendor/h3/src/proto/headers.rs`, `ContradictedAuthority`, a
+/// stream reset with H3_MESSAGE_ERROR); ignored until that check leaves h3
+/// and `validate::check_host` (which already answers 400 for a later
+/// disagreeing `host`) sees the request.
+#[test]
+#[ignore = "needs the vendored h3 to leave the host/:authority check to spooky"]
+fn h3_host_disagreeing_with_authority_gets_400() {
+    let Some((recorder, sp, authority)) = recorded_spooky() else {
+        return;
+    };
+    let fields = pseudo_with("GET", &authority, "/", &[("host", "evil.example")]);
+    assert_rejected(&sp, &recorder, "first host disagrees", &fields, &[], is_400);
+    assert_no_panic(&sp);
+}

@@ -800,3 +800,342 @@ async fn header_limits_answer_431_and_slow_headers_are_cut_off() {
         1.0
     );
 }
+
+/// RFC 9110 §11.1: the authentication scheme is case-insensitive, so
+/// `bearer` and `BEARER` carry the token as well as `Bearer` does; a wrong
+/// token stays refused whatever the scheme's case.
+#[tokio::test]
+async fn admin_accepts_the_bearer_scheme_in_any_case() {
+    use std::io::{Read, Write};
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let _sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "",
+    ));
+    let status_with = |authorization: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /backends HTTP/1.1\r\nhost: admin\r\nconnection: close\r\nauthorization: {authorization}\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split(' ').nth(1).unwrap_or_default().to_owned()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        assert_eq!(status_with(&format!("{scheme} {TOKEN}")), "200", "{scheme}");
+        assert_eq!(status_with(&format!("{scheme} wrong")), "401", "{scheme}");
+    }
+}
+
+/// A TLS connection to spooky's TCP listener offering `alpn`.
+async fn tcp_tls_to(
+    sp: &Spooky,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = spooky::tls::client_config(
+        &spooky::tls::Verification::CaFile(sp.cert()),
+        rustls::DEFAULT_VERSIONS,
+        alpn,
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads one HTTP/1.1 response (content-length or chunked) from `s`;
+/// bounded by 10 s and 1 MiB.
+async fn read_h1_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let done = |out: &[u8]| {
+        let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+        let body = &out[end + 4..];
+        if let Some(n) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            return body.len() >= n;
+        }
+        body.ends_with(b"0\r\n\r\n")
+    };
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done(&out) && out.len() < 1 << 20 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no complete response within 10 s: {out:?}");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits (at most `limit`) for the peer to close `s`; how long it took, or
+/// `None` when it stayed open.
+async fn time_to_close<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
+}
+
+/// One HTTP/2 frame: (type, flags, stream, payload).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_GOAWAY: u8 = 0x7;
+
+/// An HTTP/2 connection that opens no stream but answers every PING (and
+/// sends its own) gets GOAWAY after `limits.connection_idle_timeout_ms`
+/// and is closed; meanwhile a connection whose one request takes longer
+/// than the idle timeout is left alone and its request completes. Before,
+/// hyper's PING keep-alive kept idle connections open indefinitely.
+#[tokio::test]
+async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "limits: { connection_idle_timeout_ms: 800 }\n",
+    ));
+
+    // The busy connection: one request of 2.5 s, more than 3× the idle
+    // timeout.
+    let busy = {
+        let stream = tcp_tls_to(&sp, &[b"h2"]).await;
+        let url = sp.url("/delay/2500");
+        tokio::spawn(async move {
+            let (client, conn) = h2::client::handshake(stream).await.unwrap();
+            tokio::spawn(conn);
+            let mut client = client.ready().await.unwrap();
+            let req = http::Request::get(url).body(()).unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let mut n = 0;
+            while let Some(chunk) = body.data().await {
+                n += chunk.unwrap().len();
+            }
+            (status, n)
+        })
+    };
+
+    // The idle one, frame by frame.
+    let mut s = tcp_tls_to(&sp, &[b"h2"]).await;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut goaway_after = None;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut next_ping = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    'read: loop {
+        assert!(Instant::now() < deadline, "not closed within 10 s");
+        if Instant::now() >= next_ping && goaway_after.is_none() {
+            s.write_all(&h2_frame(H2_PING, 0, 0, &[7; 8]))
+                .await
+                .unwrap();
+            next_ping += Duration::from_millis(200);
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(100), s.read(&mut chunk)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => break 'read,
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match kind {
+                H2_SETTINGS if flags & 1 == 0 => s
+                    .write_all(&h2_frame(H2_SETTINGS, 1, 0, &[]))
+                    .await
+                    .unwrap(),
+                H2_PING if flags & 1 == 0 => s
+                    .write_all(&h2_frame(H2_PING, 1, 0, &payload))
+                    .await
+                    .unwrap(),
+                H2_GOAWAY if goaway_after.is_none() => goaway_after = Some(started.elapsed()),
+                _ => {}
+            }
+        }
+    }
+    let closed_after = started.elapsed();
+    let goaway_after = goaway_after.expect("closed without GOAWAY");
+    assert!(
+        goaway_after >= Duration::from_millis(700) && goaway_after < Duration::from_secs(4),
+        "GOAWAY after {goaway_after:?}"
+    );
+    assert!(closed_after < Duration::from_secs(8), "{closed_after:?}");
+
+    let (status, n) = busy.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(n > 0);
+}
+
+/// HTTP/1.1: a keep-alive connection idle after its response closes after
+/// `limits.connection_idle_timeout_ms` (hyper's only timer was its 30 s
+/// header timeout); the header timeout (`limits.request_header_timeout_ms`)
+/// cuts off a request head that stalls, on a fresh connection and on a
+/// kept-alive one, without applying to the wait between requests.
+#[tokio::test]
+async fn http1_idle_and_header_read_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let get = b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n";
+
+    // Idle timeout 800 ms, header timeout the default 10 s.
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "limits: { connection_idle_timeout_ms: 800 }\n",
+    ));
+    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    s.write_all(get).await.unwrap();
+    let resp = read_h1_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let took = time_to_close(&mut s, Duration::from_secs(5)).await;
+    let took = took.expect("idle keep-alive connection still open after 5 s");
+    assert!(took >= Duration::from_millis(600), "{took:?}");
+    drop(sp);
+
+    // Header timeout 700 ms, idle timeout 60 s.
+    let admin_port = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "limits: { request_header_timeout_ms: 700, connection_idle_timeout_ms: 60000 }\n",
+    ));
+    // A fresh connection that never finishes its head.
+    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: loc").await.unwrap();
+    let took = time_to_close(&mut s, Duration::from_secs(5)).await;
+    let took = took.expect("a stalled head was not cut off within 5 s");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    // A kept-alive connection waits longer than the header timeout between
+    // requests, then stalls in its second head.
+    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    s.write_all(get).await.unwrap();
+    assert!(read_h1_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        time_to_close(&mut s, Duration::from_millis(1500)).await,
+        None,
+        "the wait between requests is not a header read"
+    );
+    s.write_all(get).await.unwrap();
+    assert!(read_h1_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let took = time_to_close(&mut s, Duration::from_secs(5)).await;
+    let took = took.expect("a stalled second head was not cut off within 5 s");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+}
+
+/// `limits.max_connection_age_ms`: a connection older than that gets
+/// GOAWAY (HTTP/2) or `connection: close` (HTTP/1.1) while its request is
+/// in flight; the request completes and then the connection closes.
+#[tokio::test]
+async fn max_connection_age_closes_busy_connections_gracefully() {
+    use tokio::io::AsyncWriteExt;
+    let certs = certs();
+    let (_a, a) = backend("a", &certs, &[]);
+    let admin_port = free_tcp_port();
+    let sp = spooky(&config(
+        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        admin_port,
+        "limits: { max_connection_age_ms: 1000 }\n",
+    ));
+
+    // HTTP/2: a 2.5 s request on a connection that reaches its age at 1 s.
+    let stream = tcp_tls_to(&sp, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(sp.url("/delay/2500")).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&text).contains("delayed 2500 ms"));
+    // The server said GOAWAY: the connection ends although this client
+    // still holds it open (an h2 client whose handles are all dropped
+    // would close it itself).
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "HTTP/2 connection still open 5 s after");
+    drop(client);
+
+    // HTTP/1.1: the response to the in-flight request says
+    // `connection: close`, then the connection closes.
+    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    s.write_all(b"GET /delay/2500 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_h1_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("delayed 2500 ms"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    let took = time_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        took.is_some(),
+        "HTTP/1.1 connection still open after its last response"
+    );
+}

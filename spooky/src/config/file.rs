@@ -280,9 +280,19 @@ pub struct LimitsConfig {
     pub max_handshakes_in_progress: u32,
     /// Header fields per request; 431 beyond it.
     pub max_request_headers: u32,
-    /// How long an HTTP/3 client may take to send a request's header
-    /// section once it opened the stream (slow-loris protection).
+    /// How long a client may take to send a request's header section
+    /// (slow-loris protection): HTTP/3 from opening the stream, HTTP/1.1
+    /// from the connection's start or, between keep-alive requests, from
+    /// the first byte of the next request.
     pub request_header_timeout_ms: u64,
+    /// An HTTP/2 or HTTP/1.1 connection with no request in flight for this
+    /// long is closed (HTTP/2: GOAWAY first). PINGs do not count as
+    /// activity. nginx's `keepalive_timeout` default.
+    pub connection_idle_timeout_ms: u64,
+    /// An HTTP/2 or HTTP/1.1 connection older than this gets GOAWAY
+    /// (HTTP/1.1: `connection: close` on the next response) and closes once
+    /// its requests are done. Unset = no maximum.
+    pub max_connection_age_ms: Option<u64>,
 }
 
 /// A token bucket: `per_second` sustained, up to `burst` at once.
@@ -309,6 +319,8 @@ impl Default for LimitsConfig {
             max_handshakes_in_progress: 4096,
             max_request_headers: 100,
             request_header_timeout_ms: 10_000,
+            connection_idle_timeout_ms: 75_000,
+            max_connection_age_ms: None,
         }
     }
 }

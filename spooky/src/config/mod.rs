@@ -199,6 +199,10 @@ pub struct Limits {
     pub max_handshakes_in_progress: u32,
     pub max_request_headers: usize,
     pub request_header_timeout: Duration,
+    /// HTTP/2 and HTTP/1.1: no request in flight for this long → closed.
+    pub connection_idle_timeout: Duration,
+    /// HTTP/2 and HTTP/1.1: older than this → GOAWAY / `connection: close`.
+    pub max_connection_age: Option<Duration>,
 }
 
 /// Logging.
@@ -441,6 +445,18 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
         c.err(
             "limits.request_header_timeout_ms",
             "must be at least 1 millisecond (default 10000)",
+        );
+    }
+    if limits.connection_idle_timeout_ms == 0 {
+        c.err(
+            "limits.connection_idle_timeout_ms",
+            "must be at least 1 millisecond (default 75000)",
+        );
+    }
+    if limits.max_connection_age_ms == Some(0) {
+        c.err(
+            "limits.max_connection_age_ms",
+            "must be at least 1 millisecond; omit it for no maximum",
         );
     }
     if limits.max_handshakes_in_progress == 0 {
@@ -698,6 +714,8 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
             max_handshakes_in_progress: limits.max_handshakes_in_progress,
             max_request_headers: limits.max_request_headers as usize,
             request_header_timeout: Duration::from_millis(limits.request_header_timeout_ms),
+            connection_idle_timeout: Duration::from_millis(limits.connection_idle_timeout_ms),
+            max_connection_age: limits.max_connection_age_ms.map(Duration::from_millis),
         },
         request_id_header,
         steering: Steering {

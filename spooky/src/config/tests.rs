@@ -379,3 +379,36 @@ fn initials_per_source_is_an_xdp_limit() {
         "only the XDP program enforces it",
     );
 }
+
+#[test]
+fn connection_lifetime_limits_are_validated() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.limits.connection_idle_timeout, Duration::from_secs(75));
+    assert_eq!(c.limits.max_connection_age, None);
+    assert_eq!(c.limits.request_header_timeout, Duration::from_secs(10));
+    let set = format!(
+        "{MINIMAL}limits: {{ connection_idle_timeout_ms: 500, max_connection_age_ms: 3600000 }}\n"
+    );
+    let c = ok(&set);
+    assert_eq!(c.limits.connection_idle_timeout, Duration::from_millis(500));
+    assert_eq!(c.limits.max_connection_age, Some(Duration::from_secs(3600)));
+    let zero = format!(
+        "{MINIMAL}limits: {{ connection_idle_timeout_ms: 0, max_connection_age_ms: 0, request_header_timeout_ms: 0 }}\n"
+    );
+    let errs = errors(&zero);
+    has(
+        &errs,
+        "limits.connection_idle_timeout_ms",
+        "at least 1 millisecond (default 75000)",
+    );
+    has(
+        &errs,
+        "limits.max_connection_age_ms",
+        "omit it for no maximum",
+    );
+    has(
+        &errs,
+        "limits.request_header_timeout_ms",
+        "at least 1 millisecond",
+    );
+}

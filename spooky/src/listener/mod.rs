@@ -4,6 +4,7 @@
 //! its protocol into `http::Request<ProxyBody>` for the proxy.
 
 pub mod h3;
+mod lifetime;
 pub mod tcp;
 pub mod validate;
 

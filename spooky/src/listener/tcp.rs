@@ -19,9 +19,10 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use super::lifetime::{self, ConnState, Expiry, GuardedBody, Watched};
 use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
-use crate::body::{self, IdleTimeout};
+use crate::body::{self, Http1Framing, IdleTimeout};
 use crate::limits::ConnectionSlot;
 use crate::metrics::LIVE;
 use crate::proxy::{Downstream, ProxyHandle};
@@ -30,8 +31,9 @@ use crate::worker::WorkerShared;
 /// A TLS handshake that takes longer than this is abandoned: slow-loris
 /// protection for the one phase before HTTP's own timeouts apply.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for an HTTP/1.1 client to send a complete request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for a client of the plain-HTTP redirect to send a complete
+/// request head (the TLS listener uses `limits.request_header_timeout_ms`).
+const REDIRECT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds `n` TCP listeners on `addr` with `SO_REUSEPORT`, one per worker,
 /// so the kernel spreads connections over the workers.
@@ -143,11 +145,20 @@ async fn serve_connection(
     };
     let current = proxy.load_full();
     let cfg = &current.config;
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let state = ConnState::new(is_h2);
+    let timeouts = lifetime::Timeouts {
+        idle: cfg.limits.connection_idle_timeout,
+        header_read: cfg.limits.request_header_timeout,
+    };
+    let max_age = cfg.limits.max_connection_age;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // hyper's own timer would also run while a keep-alive connection
+        // waits for its next request; `lifetime` times both phases apart.
+        .header_read_timeout(None)
         .max_buf_size((cfg.limits.max_request_header_bytes as usize).max(8192))
         .keep_alive(true);
     builder
@@ -161,17 +172,19 @@ async fn serve_connection(
         .keep_alive_timeout(Duration::from_secs(10));
     let idle = cfg.timeouts.idle;
     let activity_for_requests = activity.clone();
+    let state_for_requests = state.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         // Each request is served by the generation current when it arrives.
         let proxy = proxy.load_full();
         let alt_svc = alt_svc.clone();
         let activity = activity_for_requests.clone();
+        let in_flight = state_for_requests.request_started(req.version() == http::Version::HTTP_2);
         async move {
             let _req_guard = Counted::new(&activity.requests);
-            let via_version = match req.version() {
-                http::Version::HTTP_2 => "2",
-                http::Version::HTTP_10 => "1.0",
-                _ => "1.1",
+            let (version, via_version) = match req.version() {
+                http::Version::HTTP_2 => (ClientVersion::Http2, "2"),
+                http::Version::HTTP_10 => (ClientVersion::Http1, "1.0"),
+                _ => (ClientVersion::Http1, "1.1"),
             };
             let (mut parts, incoming) = req.into_parts();
             let down = Downstream {
@@ -182,30 +195,44 @@ async fn serve_connection(
             };
             // h2 already rejects most malformed HTTP/2 requests; this
             // covers what it lets through (see `validate`). HTTP/1.1 has
-            // its own framing rules, enforced by hyper's parser.
-            if parts.version == http::Version::HTTP_2 {
-                match validate::validate(&parts, ClientVersion::Http2) {
-                    Ok(v) => validate::normalize_content_length(&mut parts.headers, v),
-                    Err(violation) => {
-                        let mut resp = proxy.reject_malformed(&parts, down, &violation);
-                        resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
-                        return Ok(resp);
-                    }
+            // its own framing rules, enforced by hyper's parser; `validate`
+            // adds the `host` rules hyper does not enforce.
+            let guarded = |resp: Response<body::ProxyBody>| {
+                resp.map(|b| body::boxed(GuardedBody::new(b, in_flight)))
+            };
+            match validate::validate(&parts, version) {
+                Ok(v) => validate::normalize_content_length(&mut parts.headers, v),
+                Err(violation) => {
+                    let mut resp = proxy.reject_malformed(&parts, down, &violation);
+                    resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
+                    return Ok(guarded(resp));
                 }
             }
-            let body = body::boxed(IdleTimeout::new(incoming, idle));
+            let body = if version == ClientVersion::Http1 {
+                body::boxed(IdleTimeout::new(Http1Framing::new(incoming), idle))
+            } else {
+                body::boxed(IdleTimeout::new(incoming, idle))
+            };
             let mut resp = proxy.handle(Request::from_parts(parts, body), down).await;
             resp.headers_mut().insert(http::header::ALT_SVC, alt_svc);
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(guarded(resp))
         }
     });
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let io = TokioIo::new(Watched::new(tls, state.clone()));
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut goaway = *draining.borrow();
     if goaway {
         conn.as_mut().graceful_shutdown();
     }
+    // Far enough away to stand for "never" in a `sleep_until`.
+    let never = state.epoch() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let old_at = max_age.map_or(never, |age| state.epoch() + age);
     loop {
+        let next = state.deadline(&timeouts);
+        // Once GOAWAY is out, only the header deadline still matters.
+        let next = next.filter(|(_, kind)| !(goaway && *kind == Expiry::Idle));
+        let next_at = next.map_or(never, |(at, _)| at);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -220,6 +247,28 @@ async fn serve_connection(
                     // current request (HTTP/1.1).
                     conn.as_mut().graceful_shutdown();
                 }
+            }
+            // A request started or ended, or a head began: recompute.
+            () = state.changed() => {}
+            () = tokio::time::sleep_until(next_at.into()), if next.is_some() => {
+                // The state may have changed since `next` was computed.
+                match state.deadline(&timeouts) {
+                    Some((at, Expiry::HeaderRead)) if at <= std::time::Instant::now() => {
+                        debug!(%peer, "request head not complete in time; closing");
+                        break;
+                    }
+                    Some((at, Expiry::Idle)) if at <= std::time::Instant::now() && !goaway => {
+                        debug!(%peer, "connection idle; closing");
+                        goaway = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
+                }
+            }
+            () = tokio::time::sleep_until(old_at.into()), if max_age.is_some() && !goaway => {
+                debug!(%peer, "connection reached its maximum age; closing gracefully");
+                goaway = true;
+                conn.as_mut().graceful_shutdown();
             }
         }
     }
@@ -249,7 +298,7 @@ pub async fn serve_redirect(listener: StdTcpListener, https_port: u16) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(REDIRECT_HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -1,5 +1,6 @@
 //! Request validation for HTTP/3 and HTTP/2 clients (RFC 9114 §4.1.2–4.3,
-//! RFC 9113 §8.2–8.3): decides whether a decoded request head is
+//! RFC 9113 §8.2–8.3), and the `host` rules of RFC 9112 §3.2 for
+//! HTTP/1.1 clients (hyper's parser does the rest of HTTP/1.1): decides whether a decoded request head is
 //! malformed, so that nothing malformed is forwarded to a backend. A proxy
 //! that turns a request carrying, say, `transfer-encoding` or two
 //! disagreeing `content-length`s into HTTP/1.1 hands the backend a
@@ -54,6 +55,9 @@ pub static MALFORMED_REQUESTS: AtomicU64 = AtomicU64::new(0);
 pub enum ClientVersion {
     Http3,
     Http2,
+    /// HTTP/1.1 (and 1.0): hyper's parser enforces the framing rules; only
+    /// the `host` rules of RFC 9112 §3.2 are checked here.
+    Http1,
 }
 
 /// Why a request is malformed.
@@ -71,8 +75,12 @@ pub enum Violation {
     #[error("`host` disagrees with `:authority`")]
     HostDisagreesWithAuthority,
     /// More than one `host` without `:authority`: which one is the target?
+    /// RFC 9112 §3.2 requires a 400 for it over HTTP/1.1 too.
     #[error("several `host` fields")]
     SeveralHosts,
+    /// RFC 9112 §3.2: an HTTP/1.1 request must carry `host`.
+    #[error("HTTP/1.1 request without `host`")]
+    MissingHost,
     /// RFC 9114 §4.3.1: every non-CONNECT request has `:scheme`.
     #[error("missing `:scheme`")]
     MissingScheme,
@@ -126,6 +134,13 @@ pub const CONNECTION_SPECIFIC: [HeaderName; 5] = [
 /// Checks a decoded request head received over `version`. Pure: the
 /// caller answers, logs and counts.
 pub fn validate(parts: &Parts, version: ClientVersion) -> Result<Validated, Violation> {
+    if version == ClientVersion::Http1 {
+        check_http1_host(parts)?;
+        // hyper has settled the body framing; the length is not needed.
+        return Ok(Validated {
+            content_length: None,
+        });
+    }
     if version == ClientVersion::Http3 {
         check_connection_specific(&parts.headers)?;
         check_target(&parts.method, &parts.uri, has_protocol(parts))?;
@@ -215,6 +230,18 @@ fn check_host(uri: &Uri, headers: &HeaderMap) -> Result<(), Violation> {
     Ok(())
 }
 
+/// RFC 9112 §3.2: exactly one `host` on HTTP/1.1 (none required on
+/// HTTP/1.0). A request with two would be routed by the first and may be
+/// read by the backend by the other.
+fn check_http1_host(parts: &Parts) -> Result<(), Violation> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(Violation::SeveralHosts),
+        (None, _) if parts.version == http::Version::HTTP_11 => Err(Violation::MissingHost),
+        _ => Ok(()),
+    }
+}
+
 fn check_values(headers: &HeaderMap) -> Result<(), Violation> {
     for (name, value) in headers {
         check_value(name, value.as_bytes())?;
@@ -277,7 +304,7 @@ pub fn normalize_content_length(headers: &mut HeaderMap, validated: Validated) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ClientVersion::{Http2, Http3};
+    use ClientVersion::{Http1, Http2, Http3};
 
     /// A well-formed HTTP/3 request head as h3 would decode it.
     fn request(uri: &str) -> http::request::Builder {
@@ -357,6 +384,29 @@ mod tests {
             .header("host", "example.com")
             .header("host", "evil.example");
         assert_eq!(validate(&parts(two), Http2), Err(Violation::SeveralHosts));
+    }
+
+    #[test]
+    fn http1_has_exactly_one_host() {
+        let h1 = |b: http::request::Builder| parts(b.version(http::Version::HTTP_11));
+        let one = h1(request("/").header("host", "example.com"));
+        assert!(validate(&one, Http1).is_ok());
+        let two = h1(request("/")
+            .header("host", "example.com")
+            .header("host", "example.com"));
+        assert_eq!(validate(&two, Http1), Err(Violation::SeveralHosts));
+        let none = h1(request("/"));
+        assert_eq!(validate(&none, Http1), Err(Violation::MissingHost));
+        // HTTP/1.0 has no `host` requirement, but still not two.
+        let old = parts(request("/").version(http::Version::HTTP_10));
+        assert!(validate(&old, Http1).is_ok());
+        let old_two = parts(
+            request("/")
+                .version(http::Version::HTTP_10)
+                .header("host", "a")
+                .header("host", "b"),
+        );
+        assert_eq!(validate(&old_two, Http1), Err(Violation::SeveralHosts));
     }
 
     #[test]

@@ -165,6 +165,7 @@ impl BackendPool {
                 ExchangeError::Stream(e) => self.classify_stream_error(&conn, e),
                 ExchangeError::BodyTooLarge(limit) => UpstreamError::BodyTooLarge { limit },
                 ExchangeError::BodyAborted(reason) => UpstreamError::ClientAborted(reason),
+                ExchangeError::BodyMalformed(reason) => UpstreamError::MalformedBody { reason },
             };
             (err, None)
         })
@@ -398,6 +399,8 @@ pub enum ExchangeError {
     BodyTooLarge(u64),
     /// The request body's source failed (the stream was reset).
     BodyAborted(String),
+    /// The client's request body framing was invalid (the stream was reset).
+    BodyMalformed(String),
 }
 
 /// Runs one exchange on a freshly opened request stream: the request body
@@ -420,9 +423,13 @@ pub async fn exchange(
         match body::send_h3(body, &mut half).await {
             Ok(_) => {}
             Err(SendBodyError::Source(e)) => {
-                let err = match body::too_large_limit(e.as_ref()) {
-                    Some(limit) => ExchangeError::BodyTooLarge(limit),
-                    None => ExchangeError::BodyAborted(e.to_string()),
+                let err = match (
+                    body::too_large_limit(e.as_ref()),
+                    body::malformed_body(e.as_ref()),
+                ) {
+                    (Some(limit), _) => ExchangeError::BodyTooLarge(limit),
+                    (None, Some(reason)) => ExchangeError::BodyMalformed(reason),
+                    (None, None) => ExchangeError::BodyAborted(e.to_string()),
                 };
                 debug!(error = ?err, "request body failed; upstream stream reset");
                 let _ = failed_tx.send(err);

@@ -48,6 +48,10 @@ pub enum UpstreamError {
     /// The request body exceeded `limits.max_body_bytes`.
     #[error("request body exceeds the {limit}-byte limit")]
     BodyTooLarge { limit: u64 },
+    /// The client's request body framing is invalid (HTTP/1.1 chunked
+    /// encoding): the client's error, not the backend's.
+    #[error("malformed request body: {reason}")]
+    MalformedBody { reason: String },
     /// The downstream client went away while the request was in flight.
     #[error("client aborted the request: {0}")]
     ClientAborted(String),
@@ -61,6 +65,7 @@ impl UpstreamError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             UpstreamError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UpstreamError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             UpstreamError::Resolve { .. }
             | UpstreamError::Connect { .. }
             | UpstreamError::Backoff { .. }
@@ -892,7 +897,9 @@ impl WorkerUpstreams {
             };
             let local = matches!(
                 error,
-                UpstreamError::ClientAborted(_) | UpstreamError::BodyTooLarge { .. }
+                UpstreamError::ClientAborted(_)
+                    | UpstreamError::BodyTooLarge { .. }
+                    | UpstreamError::MalformedBody { .. }
             );
             if !local {
                 let c = &backend.counters;
@@ -1059,6 +1066,7 @@ fn short_detail(e: &UpstreamError) -> String {
             format!("backend sent no response within {} ms", after.as_millis())
         }
         UpstreamError::BodyTooLarge { limit } => format!("request body exceeds {limit} bytes"),
+        UpstreamError::MalformedBody { .. } => "malformed request body".into(),
         UpstreamError::ClientAborted(_) => "client aborted the request".into(),
     }
 }

@@ -354,6 +354,9 @@ impl TcpPool {
         if let Some(limit) = body::too_large_limit(&e) {
             return UpstreamError::BodyTooLarge { limit };
         }
+        if let Some(reason) = body::malformed_body(&e) {
+            return UpstreamError::MalformedBody { reason };
+        }
         if e.is_connect() {
             let timed_out = find::<ConnectError>(&e).and_then(|c| match c {
                 ConnectError::Timeout(d) => Some(*d),
