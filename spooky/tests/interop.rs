@@ -9,12 +9,18 @@
 //! * invalid HTTP/1.1 responses from a backend (`content-length` together
 //!   with `transfer-encoding`, a bad status line, oversized headers) give
 //!   the client a 502 logged with the backend's id, and a body cut short
-//!   reaches the client as a stream error, never as a clean end.
+//!   reaches the client as a stream error, never as a clean end;
+//! * nginx 1.28 (built from the `nginx-src` crate, cached under `target/`)
+//!   as an HTTP/3 backend: 200 and the exact bytes with the default
+//!   `http3.grease: false`, and with GREASE on the failure nginx shows
+//!   (502 where nginx reads the request body; README, "HTTP/3 GREASE and
+//!   nginx").
 //!
 //! The loss test needs root (namespaces, nftables) and follows
 //! ARCHITECTURE.md's "Test topology rules": without root it skips, unless
 //! SPOOKY_PRIVILEGED_TESTS=1 makes that a failure. The ngtcp2 tests skip
-//! without `gtlsclient`, unless SPOOKY_REQUIRE_TOOLS=1.
+//! without `gtlsclient`, and the nginx test without a C toolchain, unless
+//! SPOOKY_REQUIRE_TOOLS=1.
 
 // A test target: its helpers outside #[test] fns (support/, fixtures) fail
 // the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
@@ -680,4 +686,268 @@ fn ngtcp2_client_download_across_a_key_update() {
         SIZE >> 20,
         run.elapsed.as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------
+// 4. nginx 1.28 as an HTTP/3 backend.
+// ---------------------------------------------------------------------------
+
+/// The `nginx-src` crate (nginx 1.28.3's source) the backend is built from.
+const NGINX_SRC_VERSION: &str = "1.28.5+1.28.3";
+
+/// The nginx binary, built once per target directory: the path is keyed by
+/// the `nginx-src` version, so a new version builds anew, and it appears
+/// by rename, so tests that race build twice at worst and never see half a
+/// binary. `None` (with the reason printed) when the C toolchain or the
+/// libraries are missing, unless SPOOKY_REQUIRE_TOOLS=1.
+fn nginx_binary() -> Option<std::path::PathBuf> {
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let dir = target.join(format!("nginx-{NGINX_SRC_VERSION}"));
+    let bin = dir.join("nginx");
+    if bin.exists() {
+        return Some(bin);
+    }
+    for tool in ["cc", "make"] {
+        if !have_tool(tool) {
+            return None;
+        }
+    }
+    let src = nginx_source(&target);
+    let work = tempfile::tempdir_in(&target).unwrap();
+    let build = work.path().join("nginx");
+    copy_tree(&src, &build);
+    let log = work.path().join("build.log");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "auto/configure --prefix={} --with-http_ssl_module --with-http_v2_module \
+             --with-http_v3_module --without-http_rewrite_module >{log} 2>&1 \
+             && make -j2 >>{log} 2>&1",
+            dir.display(),
+            log = log.display()
+        ))
+        .current_dir(&build)
+        .status()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let required = std::env::var("SPOOKY_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "nginx build failed:\n{}", tail.join("\n"));
+        eprintln!(
+            "SKIP: nginx build failed (libssl-dev libpcre2-dev zlib1g-dev?):\n{}",
+            tail.join("\n")
+        );
+        return None;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = dir.join(format!("nginx.{}", std::process::id()));
+    std::fs::copy(build.join("objs/nginx"), &tmp).unwrap();
+    std::fs::rename(&tmp, &bin).unwrap();
+    Some(bin)
+}
+
+/// The nginx source tree inside the `nginx-src` crate, fetched with cargo
+/// into a scratch project under `target/` (the crate has no build script;
+/// fetching it compiles nothing).
+fn nginx_source(target: &std::path::Path) -> std::path::PathBuf {
+    let proj = target.join("nginx-src-fetch");
+    std::fs::create_dir_all(proj.join("src")).unwrap();
+    std::fs::write(
+        proj.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"nginx-src-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+             [dependencies]\nnginx-src = \"={NGINX_SRC_VERSION}\"\n[workspace]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(proj.join("src/lib.rs"), "").unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(&proj)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo metadata for nginx-src: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "nginx-src")
+        .and_then(|p| p["manifest_path"].as_str())
+        .expect("nginx-src in cargo metadata")
+        .to_owned();
+    std::path::Path::new(&manifest)
+        .parent()
+        .unwrap()
+        .join("nginx")
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -r {}", from.display());
+}
+
+/// A running nginx: HTTP/3 (and TLS over TCP) on `port` serving `root`;
+/// `/up/` is proxied to a plain-HTTP server block of the same nginx, so
+/// that nginx reads the request body there. Killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    fn start(bin: &std::path::Path, certs: &Certs, root: &std::path::Path) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_udp_port();
+        let plain = free_tcp_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\n\
+             error_log {d}/error.log info;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+               access_log off;\n\
+               client_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+               server {{\n\
+                 listen 127.0.0.1:{port} quic;\nlisten 127.0.0.1:{port} ssl;\n\
+                 ssl_certificate {cert};\nssl_certificate_key {key};\n\
+                 root {root};\n\
+                 location /up/ {{ proxy_pass http://127.0.0.1:{plain}/; }}\n\
+               }}\n\
+               server {{ listen 127.0.0.1:{plain}; root {root}; }}\n\
+             }}\n",
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            root = root.display(),
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let mut n = Nginx { child, port, dir };
+        // Ready once the plain server answers (nginx binds every listener
+        // before it serves any).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(("127.0.0.1", plain)).is_ok() {
+                break;
+            }
+            if let Ok(Some(st)) = n.child.try_wait() {
+                panic!("nginx exited ({st}):\n{}", n.error_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx not up:\n{}",
+                n.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+/// spooky in front of `nginx` over HTTP/3, with `http3` as the upstream's
+/// `http3` block (none: the defaults).
+fn spooky_before_nginx(certs: &Certs, nginx: &Nginx, http3: Option<&str>) -> Spooky {
+    let addr: SocketAddr = format!("127.0.0.1:{}", nginx.port).parse().unwrap();
+    let extra = http3.map(|h| format!("http3: {h}")).unwrap_or_default();
+    let up = upstream_yaml("ng", certs, &[("nginx", addr)], &extra);
+    spooky(&format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
+         steering: {{ mode: reuseport }}\n\
+         upstreams:\n{up}"
+    ))
+}
+
+/// A file of `n` bytes that are not a repeating pattern.
+fn nginx_payload(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_http3_backend_serves_through_spooky_and_rejects_grease_frames() {
+    let Some(bin) = tokio::task::spawn_blocking(nginx_binary).await.unwrap() else {
+        return;
+    };
+    let certs = certs();
+    let root = tempfile::tempdir().unwrap();
+    let payload = nginx_payload(300_000);
+    std::fs::write(root.path().join("blob.bin"), &payload).unwrap();
+    let nginx = Nginx::start(&bin, &certs, root.path());
+
+    // Default (GREASE off): the static file and the proxied one (where
+    // nginx reads the request body), byte for byte.
+    let sp = spooky_before_nginx(&certs, &nginx, None);
+    let client = sp.client().await;
+    for path in ["/blob.bin", "/up/blob.bin"] {
+        let (resp, body) = client.get(path).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}: {}", nginx.error_log());
+        assert!(
+            body[..] == payload[..],
+            "{path}: body differs ({} bytes)",
+            body.len()
+        );
+    }
+    assert!(
+        !nginx
+            .error_log()
+            .contains("client prematurely closed stream")
+    );
+    drop(client);
+    drop(sp);
+
+    // GREASE on: the reserved frame h3 puts before each request stream's
+    // FIN makes nginx 1.28 fail every request whose body it reads
+    // (README, "HTTP/3 GREASE and nginx"); the static file, whose body
+    // nginx discards unparsed, still works.
+    let sp = spooky_before_nginx(&certs, &nginx, Some("{ grease: true }"));
+    let client = sp.client().await;
+    let (resp, body) = client.get("/blob.bin").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(body[..] == payload[..]);
+    let (resp, body) = client.get("/up/blob.bin").await.unwrap();
+    assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("reset"), "{text}");
+    let log = nginx.error_log();
+    assert!(log.contains("client prematurely closed stream"), "{log}");
 }

@@ -174,6 +174,21 @@ pub struct UpstreamConfig {
     /// Overrides of the top-level `timeouts`.
     #[serde(default)]
     pub timeouts: Option<TimeoutsOverride>,
+    /// HTTP/3 details towards the backends (`protocol: http3` only).
+    #[serde(default)]
+    pub http3: Option<UpstreamHttp3Config>,
+}
+
+/// `upstreams.NAME.http3`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamHttp3Config {
+    /// Send HTTP/3 GREASE (RFC 9114 §7.2.8, §7.2.4.1, §6.2.3): a reserved
+    /// frame type at the end of each request stream, a reserved setting and
+    /// a reserved unidirectional stream. Off by default: nginx (1.28) fails
+    /// every request whose body it reads when a reserved frame follows the
+    /// HEADERS (README, "HTTP/3 GREASE towards backends").
+    pub grease: bool,
 }
 
 /// TLS towards backends.

@@ -145,6 +145,8 @@ pub struct Upstream {
     pub panic: PanicConfig,
     pub pool: file::PoolConfig,
     pub timeouts: Timeouts,
+    /// Send HTTP/3 GREASE to the backends (`http3.grease`; HTTP/3 only).
+    pub grease: bool,
 }
 
 impl Upstream {
@@ -505,6 +507,7 @@ fn resolve(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
                     panic: None,
                     pool: Default::default(),
                     timeouts: None,
+                    http3: None,
                 },
             ));
         }
@@ -998,6 +1001,13 @@ fn resolve_upstream(
             "must be at least 1 millisecond (default 60000)",
         );
     }
+    if u.http3.is_some() && u.protocol != UpstreamProtocol::Http3 {
+        c.err(
+            format!("{prefix}http3"),
+            "only valid with `protocol: http3` (this upstream speaks HTTP/1.1 or HTTP/2): remove it or set `protocol: http3`",
+        );
+    }
+    let grease = u.http3.as_ref().is_some_and(|h| h.grease);
     let timeouts = match &u.timeouts {
         None => *defaults,
         Some(o) => {
@@ -1025,6 +1035,7 @@ fn resolve_upstream(
         panic,
         pool: u.pool.clone(),
         timeouts,
+        grease,
     }
 }
 

@@ -412,3 +412,47 @@ fn connection_lifetime_limits_are_validated() {
         "at least 1 millisecond",
     );
 }
+
+#[test]
+fn http3_grease_is_off_unless_asked_for() {
+    let c = ok(EXTENDED);
+    assert!(!c.upstream("api").unwrap().grease, "default: off");
+    let c = ok(&EXTENDED.replace(
+        "    pool: { max_streams_per_connection: 50 }",
+        "    pool: { max_streams_per_connection: 50 }\n    http3: { grease: true }",
+    ));
+    assert!(c.upstream("api").unwrap().grease);
+    assert!(!c.upstream("web").unwrap().grease);
+}
+
+#[test]
+fn http3_options_errors_name_the_field() {
+    let yaml = EXTENDED.replace(
+        "    pool: { max_streams_per_connection: 50 }",
+        "    pool: { max_streams_per_connection: 50 }\n    http3: { grease: sometimes }",
+    );
+    let errs = errors(&yaml);
+    assert_eq!(errs[0].path, "upstreams.api.http3.grease", "{errs:#?}");
+    assert!(
+        errs[0].message.contains("expected a boolean"),
+        "{}",
+        errs[0].message
+    );
+    let errs = errors(&EXTENDED.replace(
+        "    pool: { max_streams_per_connection: 50 }",
+        "    pool: { max_streams_per_connection: 50 }\n    http3: { greese: true }",
+    ));
+    assert_eq!(errs[0].path, "upstreams.api.http3.greese", "{errs:#?}");
+    assert!(errs[0].message.contains("expected `grease`"), "{errs:#?}");
+    // HTTP/3 options on an upstream that does not speak HTTP/3.
+    let errs = errors(&EXTENDED.replace(
+        "    backends: [{ id: w, address: \"[::1]:9000\" }]",
+        "    protocol: http2\n    http3: { grease: true }\n    backends: [{ id: w, address: \"[::1]:9000\" }]",
+    ));
+    has(
+        &errs,
+        "upstreams.web.http3",
+        "only valid with `protocol: http3`",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+}

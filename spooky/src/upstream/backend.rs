@@ -118,6 +118,7 @@ impl BackendClient {
                     connect_timeout: u.timeouts.connect,
                     max_header_bytes,
                     open,
+                    grease: u.grease,
                 },
             )),
             Transport::Tcp { protocol, tls } => {

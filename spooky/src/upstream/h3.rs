@@ -28,6 +28,9 @@ pub struct PoolSettings {
     pub max_header_bytes: u64,
     /// The backend's open-connection gauge (worker pools only).
     pub open: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Send HTTP/3 GREASE (`upstreams.NAME.http3.grease`). h3 sends it by
+    /// default; nginx 1.28 fails requests that carry the reserved frame.
+    pub grease: bool,
 }
 
 /// First delay after a failed connect; doubles per failure.
@@ -282,6 +285,7 @@ impl BackendPool {
                 .map_err(|e| self.connect_error(e.to_string()))?;
             let (driver, sender) = h3::client::builder()
                 .max_field_section_size(self.settings.max_header_bytes)
+                .send_grease(self.settings.grease)
                 .build::<_, _, Bytes>(h3_quinn::Connection::new(quic.clone()))
                 .await
                 .map_err(|e| self.connect_error(format!("HTTP/3 setup: {e}")))?;
