@@ -30,6 +30,9 @@ pub enum BodyError {
     Idle(Duration),
     #[error("body exceeds the {limit}-byte limit")]
     TooLarge { limit: u64 },
+    /// Trailers began to arrive and did not complete in time.
+    #[error("trailers not received within {0:?}")]
+    TrailersTimeout(Duration),
     #[error("HTTP/3 stream error: {0}")]
     H3(#[from] h3::error::StreamError),
     /// The DATA received disagrees with the declared `content-length`
@@ -81,6 +84,8 @@ pub trait H3Recv: Send + Unpin + 'static {
     ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>>;
     /// Aborts reading (STOP_SENDING) with `code`.
     fn stop(&mut self, code: h3::error::Code);
+    /// Whether a trailers HEADERS frame has begun and is incomplete.
+    fn receiving_trailers(&self) -> bool;
 }
 
 macro_rules! impl_h3_recv {
@@ -101,6 +106,9 @@ macro_rules! impl_h3_recv {
             }
             fn stop(&mut self, code: h3::error::Code) {
                 self.stop_sending(code);
+            }
+            fn receiving_trailers(&self) -> bool {
+                self.receiving_trailers()
             }
         }
     };
@@ -172,6 +180,11 @@ pub struct H3Body<R: H3Recv> {
     /// body we no longer want is cancelled; the rest of a request we have
     /// answered is merely not needed (RFC 9114 §4.1: H3_NO_ERROR).
     unread_code: h3::error::Code,
+    /// How long trailers may take once their HEADERS frame has begun (the
+    /// request header timeout): its size is bounded by the field-section
+    /// limit, its time by this, so a peer cannot trickle it forever.
+    trailers_timeout: Option<Duration>,
+    trailers_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<R: H3Recv> H3Body<R> {
@@ -191,7 +204,33 @@ impl<R: H3Recv> H3Body<R> {
             guard,
             read_may_be_lent: false,
             unread_code: h3::error::Code::H3_REQUEST_CANCELLED,
+            trailers_timeout: None,
+            trailers_deadline: None,
         }
+    }
+
+    /// Fails the body when trailers, once begun, take longer than `limit`.
+    pub fn with_trailers_timeout(mut self, limit: Duration) -> Self {
+        self.trailers_timeout = Some(limit);
+        self
+    }
+
+    /// The trailers deadline, armed when their HEADERS frame begins;
+    /// `Some` once it has passed.
+    fn trailers_overdue(&mut self, cx: &mut Context<'_>) -> Option<BoxError> {
+        let limit = self.trailers_timeout?;
+        if self.trailers_deadline.is_none() {
+            if !self.recv.receiving_trailers() {
+                return None;
+            }
+            self.trailers_deadline = Some(Box::pin(tokio::time::sleep(limit)));
+        }
+        let deadline = self.trailers_deadline.as_mut()?;
+        if deadline.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.finish();
+        Some(BodyError::TrailersTimeout(limit).into())
     }
 
     /// Wraps a request body whose `content-length` (when declared) must
@@ -252,6 +291,12 @@ impl<R: H3Recv> Body for H3Body<R> {
                 RecvPhase::Data => {
                     let r = this.recv.poll_data(cx);
                     this.read_may_be_lent = !matches!(r, Poll::Ready(Ok(None)));
+                    if r.is_pending() {
+                        if let Some(e) = this.trailers_overdue(cx) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        return Poll::Pending;
+                    }
                     match ready!(r) {
                         Ok(Some(chunk)) if chunk.is_empty() => continue,
                         Ok(Some(chunk)) => {
@@ -835,6 +880,72 @@ mod tests {
             );
             *self.stopped.lock().unwrap() = Some(code.value());
         }
+        fn receiving_trailers(&self) -> bool {
+            false
+        }
+    }
+
+    /// A receive half whose next frame never completes: trailers that have
+    /// begun (`trailers_begun`), or a stream that is merely quiet.
+    struct StalledRecv {
+        trailers_begun: bool,
+    }
+
+    impl H3Recv for StalledRecv {
+        fn poll_data(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
+            Poll::Pending
+        }
+        fn poll_trailers(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
+            Poll::Pending
+        }
+        fn stop(&mut self, _code: h3::error::Code) {}
+        fn receiving_trailers(&self) -> bool {
+            self.trailers_begun
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trailers_that_begin_must_complete_within_the_timeout() {
+        let limit = Duration::from_secs(10);
+        let mut body = H3Body::new(
+            StalledRecv {
+                trailers_begun: true,
+            },
+            None,
+            None,
+        )
+        .with_trailers_timeout(limit);
+        let started = Instant::now();
+        let err = body.frame().await.and_then(Result::err);
+        assert!(
+            matches!(
+                err.as_ref().and_then(|e| e.downcast_ref::<BodyError>()),
+                Some(BodyError::TrailersTimeout(l)) if *l == limit
+            ),
+            "{err:?}"
+        );
+        assert_eq!(started.elapsed(), limit);
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_is_not_held_to_the_trailers_timeout() {
+        let mut body = H3Body::new(
+            StalledRecv {
+                trailers_begun: false,
+            },
+            None,
+            None,
+        )
+        .with_trailers_timeout(Duration::from_secs(1));
+        let waited = tokio::time::timeout(Duration::from_secs(60), body.frame()).await;
+        assert!(waited.is_err(), "the body ended: {:?}", waited.ok());
     }
 
     type StopCode = std::sync::Arc<std::sync::Mutex<Option<u64>>>;

@@ -53,6 +53,9 @@ pub struct Live {
     pub config_generation: IntGauge,
     /// Requests retried (a second or later try), by upstream.
     pub retries: IntCounterVec,
+    /// Downstream HTTP/3 connections spooky closed for a protocol error,
+    /// by HTTP/3 or QPACK error code (a fixed set: only spooky's own).
+    pub h3_connection_errors: IntCounterVec,
 }
 
 fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -129,6 +132,11 @@ pub static LIVE: LazyLock<Live> = LazyLock::new(|| Live {
         "spooky_tcp_connections_refused_total",
         "Downstream TCP connections refused by the abuse limits, by reason.",
         &["reason"],
+    ),
+    h3_connection_errors: counter_vec(
+        "spooky_http3_connection_errors_total",
+        "Downstream HTTP/3 connections closed by spooky for a protocol error, by error code (h3_excessive_load: a flood or an oversized frame).",
+        &["code"],
     ),
     stream_resets: counter_vec(
         "spooky_stream_resets_total",
@@ -338,6 +346,7 @@ pub fn render(s: &Scrape<'_>) -> String {
         &live.handshakes,
         &live.tcp_refused,
         &live.stream_resets,
+        &live.h3_connection_errors,
         &live.rate_limited,
         &live.reloads,
         &live.retries,

@@ -807,14 +807,10 @@ async fn malformed_chunked_body_gets_400_and_aborts_upstream() {
     assert_no_panic(&sp);
 }
 
-/// Over HTTP/3 a first `host` that disagrees with `:authority` should get
-/// the same 400 as on HTTP/2 and HTTP/1.1. The vendored h3 rejects it
-/// first (`vendor/h3/src/proto/headers.rs`, `ContradictedAuthority`, a
-/// stream reset with H3_MESSAGE_ERROR); ignored until that check leaves h3
-/// and `validate::check_host` (which already answers 400 for a later
-/// disagreeing `host`) sees the request.
+/// Over HTTP/3 a first `host` that disagrees with `:authority` gets the
+/// same 400 as on HTTP/2 and HTTP/1.1: the vendored h3 leaves the check to
+/// `validate::check_host` (h3 0.0.8 reset the stream instead).
 #[test]
-#[ignore = "needs the vendored h3 to leave the host/:authority check to spooky"]
 fn h3_host_disagreeing_with_authority_gets_400() {
     let Some((recorder, sp, authority)) = recorded_spooky() else {
         return;
@@ -822,4 +818,175 @@ fn h3_host_disagreeing_with_authority_gets_400() {
     let fields = pseudo_with("GET", &authority, "/", &[("host", "evil.example")]);
     assert_rejected(&sp, &recorder, "first host disagrees", &fields, &[], is_400);
     assert_no_panic(&sp);
+}
+
+// ---- Hostile peers: frames checked before they are buffered, floods cut off.
+
+const H3_EXCESSIVE_LOAD: u64 = 0x0107;
+const QPACK_ENCODER_STREAM_ERROR: u64 = 0x0201;
+
+/// What the attack client (tests/clients/h3_attack.py) reports.
+#[derive(Debug, serde::Deserialize)]
+struct AttackOutcome {
+    status: Option<u16>,
+    reset: Option<u64>,
+    stop_sending: Option<u64>,
+    closed: Option<u64>,
+    /// Attack bytes the client wrote, and the server acknowledged.
+    sent: u64,
+    acked: u64,
+    seconds: f64,
+    timeout: bool,
+}
+
+/// spooky in front of the recorder with the admin listener on (for the
+/// metrics) and a short header timeout.
+fn hostile_spooky(recorder: &Recorder) -> (Spooky, u16) {
+    let admin = free_tcp_port();
+    let up = upstream_block("recorded", "http1", None, &[("rec", recorder.addr)], "");
+    let sp = spooky(&format!(
+        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlimits: {{ request_header_timeout_ms: 1500 }}\nupstreams:\n{up}"
+    ));
+    (sp, admin)
+}
+
+/// Runs one attack (bounded by `max_bytes` and 20 s).
+fn run_attack(sp: &Spooky, kind: &str, max_bytes: u64) -> AttackOutcome {
+    let port = sp.port.to_string();
+    let out = std::process::Command::new(python().expect("checked by the caller"))
+        .arg(script("h3_attack.py"))
+        .args(["--ca", sp.cert().to_str().unwrap()])
+        .args(["--host", "127.0.0.1", "--port", &port, "--sni", "localhost"])
+        .args(["--attack", kind, "--max-bytes", &max_bytes.to_string()])
+        .args(["--timeout", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "h3_attack.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    let o = serde_yaml::from_str(line).unwrap_or_else(|e| panic!("bad outcome {line:?}: {e}"));
+    eprintln!("{kind}: {o:?}");
+    o
+}
+
+/// A legitimate request through `sp` while an attack runs: served.
+fn assert_served(sp: &Spooky, recorder: &Recorder) {
+    let authority = format!("localhost:{}", sp.port);
+    let before = recorder.raw_len();
+    let o = send_raw(sp, &pseudo("GET", &authority, "/during-attack"), &[]);
+    assert_eq!(o.status, Some(200), "legitimate request during the attack: {o:?}");
+    assert!(recorder.raw_len() > before);
+}
+
+/// The per-connection bound the README states: the QUIC connection
+/// receive window (16 MiB) plus header sections in progress (100 streams x
+/// 16 KiB) plus control frames (16 KiB); with slack for allocator rounding.
+const STATED_BOUND_KIB: u64 = 16 * 1024 + 100 * 16 + 16 + 4 * 1024;
+
+/// Runs `kind` against a fresh spooky while a legitimate client is served,
+/// checks spooky's RSS stayed within the stated bound, and returns the
+/// outcome and the connection-error metric for `code`.
+fn attack_case(kind: &str, max_bytes: u64, code: &str) -> Option<(AttackOutcome, f64)> {
+    python()?;
+    let recorder = Recorder::start();
+    let (sp, admin) = hostile_spooky(&recorder);
+    let rss_before = sp.proc.rss_kib();
+    let outcome = std::thread::scope(|s| {
+        let attack = s.spawn(|| run_attack(&sp, kind, max_bytes));
+        assert_served(&sp, &recorder);
+        attack.join().unwrap()
+    });
+    let grown = sp.proc.peak_rss_kib().saturating_sub(rss_before);
+    eprintln!("{kind}: peak RSS grew {grown} KiB (bound {STATED_BOUND_KIB} KiB)");
+    assert!(
+        grown < STATED_BOUND_KIB,
+        "{kind}: RSS grew {grown} KiB, above the stated bound"
+    );
+    // The attacker's connection is gone; spooky serves on.
+    assert_served(&sp, &recorder);
+    assert_no_panic(&sp);
+    let m = scrape_with(admin, None);
+    let errors = metric(
+        &m,
+        &format!("spooky_http3_connection_errors_total{{code=\"{code}\"}}"),
+    );
+    Some((outcome, errors))
+}
+
+#[test]
+fn junk_on_the_control_stream_is_cut_off_as_a_flood() {
+    // nginx closes after 8 MB; f5b7e88 granted credit forever (241 MB RSS
+    // in 15 s).
+    let Some((o, errors)) = attack_case("control-reserved", 64 << 20, "h3_excessive_load") else {
+        return;
+    };
+    assert_eq!(o.closed, Some(H3_EXCESSIVE_LOAD), "{o:?}");
+    assert!(!o.timeout, "{o:?}");
+    // Allowance (1 MiB) plus what was in flight when spooky acted.
+    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert_eq!(errors, 1.0);
+}
+
+#[test]
+fn junk_in_a_reserved_frame_on_a_request_stream_is_cut_off_as_a_flood() {
+    let Some((o, errors)) = attack_case("request-reserved", 64 << 20, "h3_excessive_load") else {
+        return;
+    };
+    assert_eq!(o.closed, Some(H3_EXCESSIVE_LOAD), "{o:?}");
+    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert_eq!(errors, 1.0);
+}
+
+#[test]
+fn a_headers_frame_above_the_field_section_limit_is_refused_unread() {
+    // f5b7e88 buffered 84 MB of a 512 MiB HEADERS frame until the header
+    // timeout.
+    let Some((o, _)) = attack_case("headers-large", 64 << 20, "h3_excessive_load") else {
+        return;
+    };
+    assert_eq!(o.status, Some(431), "{o:?}");
+    assert!(o.closed.is_none(), "only the stream is refused: {o:?}");
+    assert!(o.seconds < 5.0, "{o:?}");
+}
+
+#[test]
+fn trailers_above_the_field_section_limit_are_refused_unread() {
+    // f5b7e88 accepted 221 MB of a 4 GiB trailers frame in 30 s.
+    let Some((o, _)) = attack_case("trailers-large", 64 << 20, "h3_excessive_load") else {
+        return;
+    };
+    assert!(o.closed.is_none(), "only the stream is refused: {o:?}");
+    assert!(
+        o.reset.is_some() || o.stop_sending.is_some() || o.status.is_some(),
+        "{o:?}"
+    );
+    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert!(!o.timeout, "{o:?}");
+}
+
+#[test]
+fn trailers_trickled_a_byte_at_a_time_meet_the_header_timeout() {
+    // 200 bytes at 200 ms a byte would take 40 s; the header timeout is 1.5 s.
+    let Some((o, _)) = attack_case("trailers-slow", 1 << 20, "h3_excessive_load") else {
+        return;
+    };
+    assert!(!o.timeout, "{o:?}");
+    assert!(o.seconds < 10.0, "{o:?}");
+    assert!(o.closed.is_none(), "only the stream ends: {o:?}");
+    assert_ne!(o.status, Some(200), "{o:?}");
+    // Head and DATA are ~140 bytes; all 200 trailer bytes never went out.
+    assert!(o.sent < 200, "{o:?}");
+}
+
+#[test]
+fn a_qpack_table_capacity_above_the_advertised_zero_closes_the_connection() {
+    let Some((o, errors)) = attack_case("qpack-capacity", 0, "qpack_encoder_stream_error") else {
+        return;
+    };
+    assert_eq!(o.closed, Some(QPACK_ENCODER_STREAM_ERROR), "{o:?}");
+    assert_eq!(errors, 1.0);
 }

@@ -143,8 +143,21 @@ pub async fn serve_connection(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    if !e.is_h3_no_error() {
-                        debug!(%peer, error = %e, "connection ended");
+                    match e.local_code() {
+                        // spooky closed it for a protocol error it found:
+                        // counted, and a flood or oversized frame is logged
+                        // as the attack it is.
+                        Some(code) if code != h3::error::Code::H3_NO_ERROR => {
+                            let name = code.to_string().to_ascii_lowercase();
+                            LIVE.h3_connection_errors.with_label_values(&[&name]).inc();
+                            if code == h3::error::Code::H3_EXCESSIVE_LOAD {
+                                warn!(peer = %quic.remote_address(), error = %e, "HTTP/3 connection closed: excessive load");
+                            } else {
+                                info!(peer = %quic.remote_address(), error = %e, "HTTP/3 connection closed: protocol error");
+                            }
+                        }
+                        _ if !e.is_h3_no_error() => debug!(%peer, error = %e, "connection ended"),
+                        _ => {}
                     }
                     break;
                 }
@@ -249,7 +262,8 @@ async fn serve_request(
     let idle = proxy.config.timeouts.idle;
     let malformed_body = MalformedBody::default();
     let body = body::boxed(IdleTimeout::new(
-        H3Body::enforcing(recv, validated.content_length, malformed_body.clone()),
+        H3Body::enforcing(recv, validated.content_length, malformed_body.clone())
+            .with_trailers_timeout(header_timeout),
         idle,
     ));
     let req = http::Request::from_parts(parts, body);

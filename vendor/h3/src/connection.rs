@@ -24,7 +24,7 @@ use crate::{
     },
     frame::{FrameStream, FrameStreamError},
     proto::{
-        frame::{self, Frame, PayloadLen},
+        frame::{self, Frame, FrameLimits, PayloadLen},
         headers::Header,
         stream::StreamType,
         varint::VarInt,
@@ -446,7 +446,11 @@ where
                             "got two control streams".to_string(),
                         )));
                     }
-                    self.control_recv = Some(s);
+                    // spooky patch: frame limits and flood accounting.
+                    self.control_recv = Some(s.with_limits(
+                        FrameLimits::new(self.config.settings.max_field_section_size),
+                        self.shared.clone(),
+                    ));
                 }
                 enc @ AcceptedRecvStream::Encoder(_) => {
                     if let Some(_prev) = self.qpack_streams.encoder_recv.replace(enc) {
@@ -516,6 +520,8 @@ where
         let recv = {
             // TODO
             self.poll_accept_recv(cx)?;
+            // spooky patch: the peer's QPACK streams are read and checked.
+            self.poll_qpack_streams(cx)?;
             if let Some(v) = &mut self.control_recv {
                 v
             } else {
@@ -657,6 +663,87 @@ where
         }
 
         Poll::Ready(Ok(res))
+    }
+
+    /// spooky patch: reads what the peer's QPACK encoder and decoder
+    /// streams carry (see `qpack::peer_streams`), counting it as flood
+    /// overhead. Their closure is H3_CLOSED_CRITICAL_STREAM (RFC 9204 §4.2).
+    fn poll_qpack_streams(&mut self, cx: &mut Context<'_>) -> Result<(), ConnectionError> {
+        let mut failure = None;
+        for encoder in [true, false] {
+            let slot = if encoder {
+                &mut self.qpack_streams.encoder_recv
+            } else {
+                &mut self.qpack_streams.decoder_recv
+            };
+            let stream = match slot {
+                Some(AcceptedRecvStream::Encoder(s)) | Some(AcceptedRecvStream::Decoder(s)) => s,
+                _ => continue,
+            };
+            let (what, code) = if encoder {
+                ("encoder", Code::QPACK_ENCODER_STREAM_ERROR)
+            } else {
+                ("decoder", Code::QPACK_DECODER_STREAM_ERROR)
+            };
+            loop {
+                let before = stream.buf().remaining();
+                let eos = match stream.poll_read(cx) {
+                    Poll::Pending => false,
+                    Poll::Ready(Ok(eos)) => eos,
+                    Poll::Ready(Err(StreamErrorIncoming::ConnectionErrorIncoming {
+                        connection_error,
+                    })) => {
+                        failure = Some(Err(connection_error));
+                        break;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        failure = Some(Ok(InternalConnectionError::new(
+                            Code::H3_CLOSED_CRITICAL_STREAM,
+                            format!("QPACK {} stream was reset", what),
+                        )));
+                        break;
+                    }
+                };
+                let read = stream.buf().remaining().saturating_sub(before);
+                let checked = if encoder {
+                    qpack::peer_streams::read_encoder_instructions(stream.buf_mut(), 0)
+                } else {
+                    qpack::peer_streams::read_decoder_instructions(stream.buf_mut())
+                };
+                if let Err(e) = checked {
+                    failure = Some(Ok(InternalConnectionError::new(
+                        code,
+                        format!("QPACK {} stream: {}", what, e.0),
+                    )));
+                    break;
+                }
+                if let Err(d) = self.shared.flood.overhead(read as u64) {
+                    failure = Some(Ok(InternalConnectionError::got_frame_error(
+                        crate::frame::FrameProtocolError::Flood(d),
+                    )));
+                    break;
+                }
+                if eos {
+                    failure = Some(Ok(InternalConnectionError::new(
+                        Code::H3_CLOSED_CRITICAL_STREAM,
+                        format!("QPACK {} stream was closed", what),
+                    )));
+                    break;
+                }
+                if read == 0 {
+                    // Pending: the stream wakes this task when more arrives.
+                    break;
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(Err(incoming)) => Err(self.handle_connection_error(incoming)),
+            Some(Ok(internal)) => Err(self.handle_connection_error(internal)),
+        }
     }
 
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]

@@ -1,5 +1,7 @@
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use bytes::Buf;
 
 #[cfg(feature = "tracing")]
@@ -13,10 +15,11 @@ use crate::stream::{BufRecvStream, WriteBuf};
 use crate::{
     buf::BufList,
     proto::{
-        frame::{self, Frame, PayloadLen},
+        frame::{self, Frame, FrameClass, FrameLimits, PayloadLen, PeekedHeader},
         stream::StreamId,
     },
     quic::{BidiStream, RecvStream, SendStream},
+    shared_state::{FloodDetected, SharedState},
 };
 
 /// Decodes Frames from the underlying QUIC stream
@@ -34,6 +37,21 @@ impl<S, B> FrameStream<S, B> {
             decoder: FrameDecoder::default(),
             remaining_data: 0,
         }
+    }
+
+    /// spooky patch: checks every frame's length against `limits` before
+    /// buffering it, and counts what the peer sends in the connection's
+    /// flood meter (`shared.flood`).
+    pub fn with_limits(mut self, limits: FrameLimits, shared: Arc<SharedState>) -> Self {
+        self.decoder.limits = limits;
+        self.decoder.meter = Some(shared);
+        self
+    }
+
+    /// spooky patch: a HEADERS frame (trailers, on a request stream after
+    /// its first HEADERS) has begun to arrive and is not complete yet.
+    pub fn receiving_field_section(&self) -> bool {
+        self.decoder.field_section_pending
     }
 
     /// Unwraps the Framed streamer and returns the underlying stream **without** data loss for
@@ -77,7 +95,9 @@ where
                     Poll::Ready(false) => continue,
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(true) => {
-                        if self.stream.buf_mut().has_remaining() {
+                        // spooky patch: ending inside a skipped frame is
+                        // a truncated frame too.
+                        if self.stream.buf_mut().has_remaining() || self.decoder.skip > 0 {
                             // Reached the end of receive stream, but there is still some data:
                             // The frame is incomplete.
                             Poll::Ready(Err(FrameStreamError::UnexpectedEnd))
@@ -120,6 +140,8 @@ where
             }
             (Some(d), _) => {
                 self.remaining_data -= d.remaining();
+                // spooky patch: DATA delivered is content.
+                self.decoder.count_content(d.remaining() as u64);
                 Poll::Ready(Ok(Some(d)))
             }
         }
@@ -205,9 +227,37 @@ where
 #[derive(Default)]
 pub struct FrameDecoder {
     expected: Option<usize>,
+    /// spooky patch: payload bytes of an unknown frame still to discard.
+    skip: u64,
+    /// spooky patch: a HEADERS frame's header was read, its payload is
+    /// not complete.
+    field_section_pending: bool,
+    /// spooky patch: per-type payload limits.
+    limits: FrameLimits,
+    /// spooky patch: the connection's shared state, for flood accounting
+    /// (none in h3's own unit tests).
+    meter: Option<Arc<SharedState>>,
 }
 
 impl FrameDecoder {
+    /// spooky patch: counts bytes that carry no content.
+    fn count_overhead(&self, n: u64) -> Result<(), FrameStreamError> {
+        match &self.meter {
+            Some(shared) => shared
+                .flood
+                .overhead(n)
+                .map_err(|d| FrameStreamError::Proto(FrameProtocolError::Flood(d))),
+            None => Ok(()),
+        }
+    }
+
+    /// spooky patch: counts content bytes (DATA payload, field sections).
+    fn count_content(&self, n: u64) {
+        if let Some(shared) = &self.meter {
+            shared.flood.content(n);
+        }
+    }
+
     fn decode<B: Buf>(
         &mut self,
         src: &mut BufList<B>,
@@ -215,6 +265,19 @@ impl FrameDecoder {
         // Decode in a loop since we ignore unknown frames, and there may be
         // other frames already in our BufList.
         loop {
+            // spooky patch: discard an unknown frame's payload as it
+            // arrives instead of waiting for all of it.
+            if self.skip > 0 {
+                let n = self.skip.min(src.remaining() as u64);
+                src.advance(n as usize);
+                self.skip -= n;
+                self.count_overhead(n)?;
+                if self.skip > 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+
             if !src.has_remaining() {
                 return Ok(None);
             }
@@ -222,6 +285,59 @@ impl FrameDecoder {
             if let Some(min) = self.expected {
                 if src.remaining() < min {
                     return Ok(None);
+                }
+            }
+
+            // spooky patch: the type and length decide, before any payload
+            // is buffered, whether the frame may be buffered at all.
+            let peeked = frame::peek_header(&mut src.cursor());
+            let mut header_len = 0;
+            match peeked {
+                PeekedHeader::Incomplete => {
+                    self.expected = Some(src.remaining() + 1);
+                    return Ok(None);
+                }
+                PeekedHeader::WebTransport => {}
+                PeekedHeader::Frame {
+                    class,
+                    len,
+                    header_len: h,
+                } => {
+                    header_len = h;
+                    match class {
+                        FrameClass::Unknown => {
+                            //= https://www.rfc-editor.org/rfc/rfc9114#section-7.2.8
+                            //# Endpoints MUST
+                            //# NOT consider these frames to have any meaning upon receipt.
+                            src.advance(h);
+                            self.expected = None;
+                            self.count_overhead(h as u64)?;
+                            self.skip = len;
+                            continue;
+                        }
+                        FrameClass::FieldSection if len > self.limits.field_section => {
+                            return Err(FrameStreamError::Proto(
+                                FrameProtocolError::FieldSectionTooLarge {
+                                    len,
+                                    max: self.limits.field_section,
+                                },
+                            ));
+                        }
+                        FrameClass::Settings if len > FrameLimits::SETTINGS => {
+                            return Err(FrameStreamError::Proto(
+                                FrameProtocolError::ControlFrameTooLarge { len },
+                            ));
+                        }
+                        //= https://www.rfc-editor.org/rfc/rfc9114#section-7.1
+                        //# A frame payload that contains additional bytes
+                        //# after the identified fields [...] MUST be treated as a connection
+                        //# error of type H3_FRAME_ERROR.
+                        FrameClass::SingleVarint if len > FrameLimits::SINGLE_VARINT => {
+                            return Err(FrameStreamError::Proto(FrameProtocolError::Malformed));
+                        }
+                        FrameClass::FieldSection => self.field_section_pending = true,
+                        _ => {}
+                    }
                 }
             }
 
@@ -250,6 +366,19 @@ impl FrameDecoder {
                 Ok(frame) => {
                     src.advance(pos);
                     self.expected = None;
+                    self.field_section_pending = false;
+                    // spooky patch: frame headers and control frames are
+                    // overhead; header sections are content; DATA payload
+                    // counts as it is delivered (poll_data).
+                    let payload = (pos - header_len) as u64;
+                    match &frame {
+                        Frame::Data(_) => self.count_overhead(header_len as u64)?,
+                        Frame::Headers(_) => {
+                            self.count_content(payload);
+                            self.count_overhead(header_len as u64)?;
+                        }
+                        _ => self.count_overhead(pos as u64)?,
+                    }
                     return Ok(Some(frame));
                 }
                 // -------------- Map the error Values --------------
@@ -295,6 +424,13 @@ pub enum FrameStreamError {
 #[derive(Debug, PartialEq)]
 /// Protocol specific errors that can occur while decoding frames in a stream
 pub enum FrameProtocolError {
+    /// spooky patch: a HEADERS or PUSH_PROMISE frame declared more than
+    /// the advertised SETTINGS_MAX_FIELD_SECTION_SIZE.
+    FieldSectionTooLarge { len: u64, max: u64 },
+    /// spooky patch: a SETTINGS frame above `FrameLimits::SETTINGS`.
+    ControlFrameTooLarge { len: u64 },
+    /// spooky patch: the connection's overhead passed the flood allowance.
+    Flood(FloodDetected),
     Malformed,
     ForbiddenFrame(u64), // Known (http2) frames that should generate an error
     InvalidFrameValue,
@@ -313,6 +449,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use crate::proto::{coding::Encode, frame::FrameType, varint::VarInt};
+    use crate::shared_state::FloodMeter;
 
     // Decoder
 
@@ -577,6 +714,126 @@ mod tests {
         assert_poll_matches!(
             |cx| to_bytes(stream.poll_data(cx)),
             Ok(Some(b)) if &*b == b"dy"
+        );
+    }
+
+    // spooky patch: limits checked before buffering, skipping, flood.
+
+    fn header(ty: u64, len: u64) -> BytesMut {
+        let mut buf = BytesMut::new();
+        VarInt::from_u64(ty).unwrap().encode(&mut buf);
+        VarInt::from_u64(len).unwrap().encode(&mut buf);
+        buf
+    }
+
+    fn metered() -> (FrameDecoder, Arc<SharedState>) {
+        let shared = Arc::new(SharedState::default());
+        let decoder = FrameDecoder {
+            limits: FrameLimits::new(1024),
+            meter: Some(shared.clone()),
+            ..FrameDecoder::default()
+        };
+        (decoder, shared)
+    }
+
+    #[test]
+    fn headers_above_the_limit_are_refused_before_their_payload() {
+        let (mut decoder, _) = metered();
+        // Only the header of a 512 MiB HEADERS frame has arrived.
+        let mut buf = BufList::from(header(0x1, 512 << 20));
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::FieldSectionTooLarge {
+                len,
+                max: 1024
+            })) if len == 512 << 20
+        );
+    }
+
+    #[test]
+    fn headers_at_the_limit_are_buffered() {
+        let (mut decoder, shared) = metered();
+        let mut buf = header(0x1, 1024);
+        buf.put_slice(&[0u8; 1024]);
+        let mut buf = BufList::from(buf);
+        assert_matches!(decoder.decode(&mut buf), Ok(Some(Frame::Headers(h))) if h.len() == 1024);
+        assert_eq!(shared.flood.totals(), (3, 1024));
+    }
+
+    #[test]
+    fn settings_above_the_limit_are_refused() {
+        let mut decoder = FrameDecoder::default();
+        let mut buf = BufList::from(header(0x4, FrameLimits::SETTINGS + 1));
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::ControlFrameTooLarge { .. }))
+        );
+        for ty in [0x3, 0x7, 0xd] {
+            let mut buf = BufList::from(header(ty, 9));
+            assert_matches!(
+                FrameDecoder::default().decode(&mut buf),
+                Err(FrameStreamError::Proto(FrameProtocolError::Malformed))
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_frames_are_skipped_as_they_arrive() {
+        let (mut decoder, shared) = metered();
+        // A reserved frame declaring 4 GiB, fed 1,000 bytes at a time:
+        // nothing accumulates.
+        let mut buf = BufList::from(header(0x21, 4 << 30));
+        assert_matches!(decoder.decode(&mut buf), Ok(None));
+        for _ in 0..100 {
+            buf.push(BytesMut::from(&[0u8; 1000][..]));
+            assert_matches!(decoder.decode(&mut buf), Ok(None));
+            assert!(!buf.has_remaining());
+        }
+        assert_eq!(decoder.skip, (4 << 30) - 100_000);
+        // 9 header bytes: a 1-byte type and an 8-byte length.
+        assert_eq!(shared.flood.totals(), (100_000 + 9, 0));
+    }
+
+    #[test]
+    fn a_frame_after_a_skipped_one_is_decoded() {
+        let mut decoder = FrameDecoder::default();
+        let mut buf = header(0x21, 3);
+        buf.put_slice(b"abc");
+        Frame::headers(&b"salut"[..]).encode_with_payload(&mut buf);
+        let mut buf = BufList::from(buf);
+        assert_matches!(decoder.decode(&mut buf), Ok(Some(Frame::Headers(_))));
+    }
+
+    #[test]
+    fn overhead_beyond_the_allowance_is_a_flood() {
+        let (mut decoder, _) = metered();
+        let mut buf = BufList::from(header(0x21, FloodMeter::ALLOWANCE + 10));
+        buf.push(BytesMut::from(&vec![0u8; FloodMeter::ALLOWANCE as usize][..]));
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::Flood(_)))
+        );
+    }
+
+    #[test]
+    fn content_buys_overhead() {
+        let (mut decoder, shared) = metered();
+        shared.flood.content(FloodMeter::ALLOWANCE);
+        let mut buf = BufList::from(header(0x21, FloodMeter::ALLOWANCE + 10));
+        buf.push(BytesMut::from(&vec![0u8; FloodMeter::ALLOWANCE as usize][..]));
+        assert_matches!(decoder.decode(&mut buf), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_skipped_frame_is_truncated() {
+        let mut recv = FakeRecv::default();
+        let mut buf = header(0x21, 10);
+        buf.put_slice(b"abc");
+        recv.chunk(buf.freeze());
+        let mut stream: FrameStream<_, ()> = FrameStream::new(BufRecvStream::new(recv));
+        assert_poll_matches!(
+            |cx| stream.poll_next(cx),
+            Err(FrameStreamError::UnexpectedEnd)
         );
     }
 

@@ -2,7 +2,10 @@
 
 use std::{
     borrow::Cow,
-    sync::{atomic::AtomicBool, OnceLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        OnceLock,
+    },
 };
 
 use futures_util::task::AtomicWaker;
@@ -20,6 +23,62 @@ pub struct SharedState {
     closing: AtomicBool,
     /// Waker for the connection
     waker: AtomicWaker,
+    /// spooky patch: what the peer sent that carried no request content,
+    /// against what did (see [`FloodMeter`]).
+    pub(crate) flood: FloodMeter,
+}
+
+/// spooky patch: flood accounting for one connection, shared by all its
+/// streams. `overhead` counts bytes that carry no request or response
+/// content (frame headers, control frames, unknown and reserved frames,
+/// QPACK encoder/decoder instructions); `content` counts DATA payload
+/// delivered and HEADERS payload (header sections and trailers). A peer
+/// whose overhead exceeds [`FloodMeter::ALLOWANCE`] plus its content is
+/// flooding: the connection is closed with H3_EXCESSIVE_LOAD. Honest
+/// traffic sits far below: a DATA frame header is 2 to 9 bytes for up to
+/// 16 KiB of payload, a reserved (GREASE) frame costs ~16 bytes a request.
+#[derive(Debug, Default)]
+pub struct FloodMeter {
+    overhead: AtomicU64,
+    content: AtomicU64,
+}
+
+impl FloodMeter {
+    /// Overhead allowed beyond the content received.
+    pub const ALLOWANCE: u64 = 1 << 20;
+
+    /// Counts `n` bytes of overhead; `Err` once the peer is flooding.
+    pub(crate) fn overhead(&self, n: u64) -> Result<(), FloodDetected> {
+        let overhead = self.overhead.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        let content = self.content.load(Ordering::Relaxed);
+        if overhead > content.saturating_add(Self::ALLOWANCE) {
+            Err(FloodDetected { overhead, content })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts `n` bytes of content.
+    pub(crate) fn content(&self, n: u64) {
+        self.content.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// (overhead, content) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.overhead.load(Ordering::Relaxed),
+            self.content.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// spooky patch: the peer's overhead passed the allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloodDetected {
+    /// Overhead bytes counted.
+    pub overhead: u64,
+    /// Content bytes counted.
+    pub content: u64,
 }
 
 impl Default for SharedState {
@@ -29,6 +88,7 @@ impl Default for SharedState {
             connection_error: OnceLock::new(),
             closing: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            flood: FloodMeter::default(),
         }
     }
 }

@@ -20,7 +20,11 @@ use crate::{
         ConnectionError, StreamError,
     },
     frame::FrameStream,
-    proto::{frame::Frame, headers::Header, push::PushId},
+    proto::{
+        frame::{Frame, FrameLimits},
+        headers::Header,
+        push::PushId,
+    },
     qpack,
     quic::{self, StreamId},
     shared_state::{ConnectionState, SharedState},
@@ -216,7 +220,11 @@ where
 
         let request_stream = RequestStream {
             inner: connection::RequestStream::new(
-                FrameStream::new(BufRecvStream::new(stream)),
+                // spooky patch: frame limits and flood accounting.
+                FrameStream::new(BufRecvStream::new(stream)).with_limits(
+                    FrameLimits::new(self.max_field_section_size),
+                    self.conn_state.clone(),
+                ),
                 self.max_field_section_size,
                 self.conn_state.clone(),
                 self.send_grease_frame,

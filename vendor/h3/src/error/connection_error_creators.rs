@@ -6,7 +6,7 @@ use bytes::Buf;
 
 use crate::{
     connection::ConnectionInner,
-    frame::FrameStreamError,
+    frame::{FrameProtocolError, FrameStreamError},
     quic::{self, ConnectionErrorIncoming, StreamErrorIncoming},
     shared_state::ConnectionState,
 };
@@ -195,6 +195,15 @@ where
     ) -> StreamError {
         match error {
             FrameStreamError::Quic(error) => self.handle_quic_stream_error(error),
+            // spooky patch: a header section (or trailers) above the limit is
+            // refused before it is buffered; it costs only this stream
+            // (RFC 9114 §4.2.2).
+            FrameStreamError::Proto(FrameProtocolError::FieldSectionTooLarge { len, max }) => {
+                StreamError::HeaderTooBig {
+                    actual_size: len,
+                    max_size: max,
+                }
+            }
             FrameStreamError::Proto(frame_error) => self.handle_connection_error_on_stream(
                 InternalConnectionError::got_frame_error(frame_error).into(),
             ),

@@ -36,6 +36,17 @@ pub enum ConnectionError {
 }
 
 impl ConnectionError {
+    /// spooky patch: the error code when this endpoint closed the
+    /// connection itself (a protocol error it detected).
+    pub fn local_code(&self) -> Option<Code> {
+        match self {
+            ConnectionError::Local {
+                error: LocalError::Application { code, .. },
+            } => Some(*code),
+            _ => None,
+        }
+    }
+
     /// Returns if the error is H3_NO_ERROR local or remote
     pub fn is_h3_no_error(&self) -> bool {
         match self {

@@ -57,6 +57,25 @@ impl InternalConnectionError {
             //# after the identified fields or a frame payload that terminates before
             //# the end of the identified fields MUST be treated as a connection
             //# error of type H3_FRAME_ERROR.
+            //= https://www.rfc-editor.org/rfc/rfc9114#section-8.1
+            //# H3_EXCESSIVE_LOAD (0x0107):  The endpoint detected that its peer is
+            //# exhibiting a behavior that might be generating excessive load.
+            // spooky patch: limits checked before buffering, and flood accounting.
+            FrameProtocolError::FieldSectionTooLarge { len, max } => InternalConnectionError {
+                code: Code::H3_EXCESSIVE_LOAD,
+                message: format!("field section of {} bytes above the limit of {}", len, max),
+            },
+            FrameProtocolError::ControlFrameTooLarge { len } => InternalConnectionError {
+                code: Code::H3_EXCESSIVE_LOAD,
+                message: format!("control frame of {} bytes", len),
+            },
+            FrameProtocolError::Flood(d) => InternalConnectionError {
+                code: Code::H3_EXCESSIVE_LOAD,
+                message: format!(
+                    "HTTP/3 flood: {} bytes of frame overhead for {} bytes of content",
+                    d.overhead, d.content
+                ),
+            },
             FrameProtocolError::InvalidFrameValue | FrameProtocolError::Malformed => InternalConnectionError {
                 code: Code::H3_FRAME_ERROR,
                 message: "frame payload that contains additional bytes after the identified fields or a frame payload that terminates before the end of the identified fields".to_string(),

@@ -75,6 +75,101 @@ impl From<usize> for PayloadLen {
     }
 }
 
+/// spooky patch: the largest payload accepted per frame type, checked as
+/// soon as a frame's type and length are read, before any of its payload
+/// is buffered. DATA is streamed and unknown types are skipped as they
+/// arrive, so neither needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// HEADERS (header sections and trailers) and PUSH_PROMISE: the
+    /// endpoint's own `SETTINGS_MAX_FIELD_SECTION_SIZE`. QPACK never
+    /// makes an encoded section much larger than the decoded size the
+    /// setting limits, so an encoded section above it is refused unread.
+    pub field_section: u64,
+}
+
+impl FrameLimits {
+    /// SETTINGS: 16 KiB holds over a thousand settings.
+    pub const SETTINGS: u64 = 16 * 1024;
+    /// GOAWAY, MAX_PUSH_ID, CANCEL_PUSH carry one varint (at most 8 bytes).
+    pub const SINGLE_VARINT: u64 = 8;
+
+    /// Limits for an endpoint that advertised `max_field_section_size`.
+    pub fn new(max_field_section_size: u64) -> Self {
+        Self {
+            field_section: max_field_section_size,
+        }
+    }
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        Self::new(VarInt::MAX.0)
+    }
+}
+
+/// spooky patch: what a frame header says, read before the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeekedHeader {
+    /// Type or length not complete yet.
+    Incomplete,
+    /// WEBTRANSPORT_BI_STREAM has no length: decoded as before.
+    WebTransport,
+    Frame {
+        class: FrameClass,
+        len: u64,
+        /// Bytes of the type and length varints.
+        header_len: usize,
+    },
+}
+
+/// spooky patch: frame types grouped by how their payload is limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrameClass {
+    Data,
+    /// HEADERS and PUSH_PROMISE.
+    FieldSection,
+    Settings,
+    SingleVarint,
+    /// HTTP/2 frame types: an error whatever their length.
+    Forbidden,
+    /// Unknown and reserved types: skipped.
+    Unknown,
+}
+
+/// spooky patch: reads a frame's type and length without consuming the
+/// payload.
+pub(crate) fn peek_header<T: Buf>(buf: &mut T) -> PeekedHeader {
+    let start = buf.remaining();
+    let Ok(ty) = FrameType::decode(buf) else {
+        return PeekedHeader::Incomplete;
+    };
+    if ty == FrameType::WEBTRANSPORT_BI_STREAM {
+        return PeekedHeader::WebTransport;
+    }
+    let Ok(len) = buf.get_var() else {
+        return PeekedHeader::Incomplete;
+    };
+    let class = match ty {
+        FrameType::DATA => FrameClass::Data,
+        FrameType::HEADERS | FrameType::PUSH_PROMISE => FrameClass::FieldSection,
+        FrameType::SETTINGS => FrameClass::Settings,
+        FrameType::CANCEL_PUSH | FrameType::GOAWAY | FrameType::MAX_PUSH_ID => {
+            FrameClass::SingleVarint
+        }
+        FrameType::H2_PRIORITY
+        | FrameType::H2_PING
+        | FrameType::H2_WINDOW_UPDATE
+        | FrameType::H2_CONTINUATION => FrameClass::Forbidden,
+        _ => FrameClass::Unknown,
+    };
+    PeekedHeader::Frame {
+        class,
+        len,
+        header_len: start - buf.remaining(),
+    }
+}
+
 impl Frame<PayloadLen> {
     pub const MAX_ENCODED_SIZE: usize = VarInt::MAX_SIZE * 7;
 

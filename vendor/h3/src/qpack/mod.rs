@@ -8,6 +8,8 @@ mod block;
 mod dynamic;
 mod field;
 mod parse_error;
+// spooky patch
+pub(crate) mod peer_streams;
 mod static_;
 mod stream;
 mod vas;

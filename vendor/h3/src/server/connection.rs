@@ -20,7 +20,7 @@ use crate::{
     error::{internal_error::InternalConnectionError, Code, ConnectionError},
     frame::FrameStream,
     proto::{
-        frame::{Frame, PayloadLen},
+        frame::{Frame, FrameLimits, PayloadLen},
         push::PushId,
     },
     quic::{self, SendStream as _},
@@ -123,7 +123,11 @@ where
     pub async fn accept(&mut self) -> Result<Option<RequestResolver<C, B>>, ConnectionError> {
         // Accept the incoming stream
         let stream = match poll_fn(|cx| self.poll_accept_request_stream_internal(cx)).await? {
-            Some(s) => FrameStream::new(BufRecvStream::new(s)),
+            // spooky patch: frame limits and flood accounting.
+            Some(s) => FrameStream::new(BufRecvStream::new(s)).with_limits(
+                FrameLimits::new(self.max_field_section_size),
+                self.inner.shared.clone(),
+            ),
             None => {
                 // We always send a last GoAway frame to the client, so it knows which was the last
                 // non-rejected request.

@@ -14,7 +14,7 @@ use crate::{
         internal_error::InternalConnectionError,
         Code, StreamError,
     },
-    frame::{FrameStream, FrameStreamError},
+    frame::{FrameProtocolError, FrameStream, FrameStreamError},
     proto::{
         frame::{Frame, PayloadLen},
         headers::Header,
@@ -120,6 +120,12 @@ where
                     )),
                 );
             }
+            // spooky patch: the HEADERS frame declared more than the
+            // advertised field section size; none of it was buffered. The
+            // client gets the same 431 as for a decoded section too large.
+            Err(FrameStreamError::Proto(FrameProtocolError::FieldSectionTooLarge { len, .. })) => {
+                return Ok(self.resolved(Err(len)));
+            }
             Err(e) => {
                 return Err(self.handle_frame_stream_error_on_request_stream(e));
             }
@@ -141,6 +147,13 @@ where
             }
         };
 
+        Ok(self.resolved(decoded))
+    }
+
+    /// spooky patch: the request stream, once its header section is read
+    /// (or refused as too large).
+    fn resolved(self, decoded: Result<qpack::Decoded, u64>) -> ResolvedRequest<C, B> {
+
         let request_stream = RequestStream {
             request_end: Arc::new(RequestEnd {
                 request_end: self.request_end_send.clone(),
@@ -154,11 +167,7 @@ where
             ),
         };
 
-        Ok(ResolvedRequest::new(
-            request_stream,
-            decoded,
-            self.max_field_section_size,
-        ))
+        ResolvedRequest::new(request_stream, decoded, self.max_field_section_size)
     }
 }
 

@@ -101,6 +101,12 @@ where
         self.inner.stream.stop_sending(error_code)
     }
 
+    /// spooky patch: a HEADERS frame (the trailers) has begun to arrive
+    /// and is not complete, so a deadline for it can be set.
+    pub fn receiving_trailers(&self) -> bool {
+        self.inner.stream.receiving_field_section()
+    }
+
     /// Returns the underlying stream id
     pub fn id(&self) -> StreamId {
         self.inner.stream.id()
