@@ -878,7 +878,11 @@ fn assert_served(sp: &Spooky, recorder: &Recorder) {
     let authority = format!("localhost:{}", sp.port);
     let before = recorder.raw_len();
     let o = send_raw(sp, &pseudo("GET", &authority, "/during-attack"), &[]);
-    assert_eq!(o.status, Some(200), "legitimate request during the attack: {o:?}");
+    assert_eq!(
+        o.status,
+        Some(200),
+        "legitimate request during the attack: {o:?}"
+    );
     assert!(recorder.raw_len() > before);
 }
 
@@ -927,7 +931,11 @@ fn junk_on_the_control_stream_is_cut_off_as_a_flood() {
     assert_eq!(o.closed, Some(H3_EXCESSIVE_LOAD), "{o:?}");
     assert!(!o.timeout, "{o:?}");
     // Allowance (1 MiB) plus what was in flight when spooky acted.
-    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert!(
+        o.acked < 2 << 20,
+        "spooky took {} bytes first: {o:?}",
+        o.acked
+    );
     assert_eq!(errors, 1.0);
 }
 
@@ -937,7 +945,11 @@ fn junk_in_a_reserved_frame_on_a_request_stream_is_cut_off_as_a_flood() {
         return;
     };
     assert_eq!(o.closed, Some(H3_EXCESSIVE_LOAD), "{o:?}");
-    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert!(
+        o.acked < 2 << 20,
+        "spooky took {} bytes first: {o:?}",
+        o.acked
+    );
     assert_eq!(errors, 1.0);
 }
 
@@ -964,7 +976,11 @@ fn trailers_above_the_field_section_limit_are_refused_unread() {
         o.reset.is_some() || o.stop_sending.is_some() || o.status.is_some(),
         "{o:?}"
     );
-    assert!(o.acked < 2 << 20, "spooky took {} bytes first: {o:?}", o.acked);
+    assert!(
+        o.acked < 2 << 20,
+        "spooky took {} bytes first: {o:?}",
+        o.acked
+    );
     assert!(!o.timeout, "{o:?}");
 }
 
