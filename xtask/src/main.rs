@@ -376,6 +376,22 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
                 "--lib",
             ]),
     )?;
+    // The same for the patched h3 (vendor/h3/PATCHED.md). Its unit tests
+    // include vendor/h3-quinn by path, as upstream's repository does; the
+    // feature exposes the internals those tests reach.
+    eprintln!("xtask: h3's own tests (vendored, patched)");
+    must(
+        cargo()
+            .current_dir(root.join("vendor/h3"))
+            .env("CARGO_TARGET_DIR", root.join("target/vendor-h3"))
+            .args([
+                "test",
+                "--locked",
+                "--lib",
+                "--features",
+                "i-implement-a-third-party-backend-and-opt-into-breaking-changes",
+            ]),
+    )?;
     eprintln!(
         "xtask: all tests passed in {:.0} s",
         started.elapsed().as_secs_f64()
