@@ -447,10 +447,9 @@ fn h3_resets_what_it_cannot_decode() {
         ("CR LF in a value", with(&[("x-a", "a\r\nx-b: 1")])),
         ("LF in a value", with(&[("x-a", "a\nb")])),
         ("NUL in a value", with(&[("x-a", "a\0b")])),
-        (
-            "host disagrees with :authority",
-            with(&[("host", "evil.example")]),
-        ),
+        // A host disagreeing with :authority is not here: the vendored h3
+        // leaves it to spooky, which answers 400 as on every protocol
+        // (h3_host_disagreeing_with_authority_gets_400).
         (
             ":path without :scheme",
             vec![
