@@ -17,9 +17,8 @@ use spooky_common::CidLayout;
 pub use file::{FileConfig, LogFormat, SteeringMode, UpstreamProtocol};
 
 use crate::balancer::BalancingConfig;
-use crate::health::{
-    ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig, RetryConfig,
-};
+use crate::health::{ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig};
+use crate::retry::RetryConfig;
 use crate::routing::RouteMatch;
 use crate::tls::Verification;
 

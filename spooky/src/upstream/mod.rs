@@ -113,9 +113,10 @@ use crate::balancer::{self, BackendStats, BackendView, Balance, RequestInfo};
 use crate::body::{self, Guarded, ProxyBody, ReplayStatus, Replayable};
 use crate::config::{self, Config};
 use crate::health::{
-    self, BodyState, BreakerState, CircuitBreaker, Ejection, FailureKind, HealthState, Outcome,
-    OutlierPool, Rejected, RetryBudget, RetryConfig, Selection,
+    self, BreakerState, CircuitBreaker, Ejection, HealthState, Outcome, OutlierPool, Rejected,
+    Selection,
 };
+use crate::retry::{self, BodyState, FailureKind, RetryBudget, RetryConfig};
 use crate::tls;
 
 /// An operator's say over a backend, set through the admin API.
@@ -1049,7 +1050,7 @@ fn retry_allowed(
         ReplayStatus::Replayable => BodyState::FullyBuffered,
         ReplayStatus::Overflowed => BodyState::Streaming,
     };
-    health::retry_allowed(method, body_state, failure, retry)
+    retry::retry_allowed(method, body_state, failure, retry)
 }
 
 /// What the client is told: the kind of failure, not internal addresses.
