@@ -116,7 +116,7 @@ use crate::health::{
     self, BreakerState, CircuitBreaker, Ejection, HealthState, Outcome, OutlierPool, Rejected,
     Selection,
 };
-use crate::retry::{self, BodyState, FailureKind, RetryBudget, RetryConfig};
+use crate::retry::{BodyState, FailureKind, RetryBudget, RetryConfig, RetryLoop, Step, TryOutcome};
 use crate::tls;
 
 /// An operator's say over a backend, set through the admin API.
@@ -624,13 +624,6 @@ pub struct ForwardError {
     pub tries: u32,
 }
 
-/// A backend response kept while a retry is attempted: the client gets
-/// it if no retry produces a response.
-struct Held {
-    response: Response<ProxyBody>,
-    backend: usize,
-}
-
 impl WorkerUpstreams {
     /// Builds this worker's balancers and pools over the shared state.
     pub fn new(shared: &SharedUpstreams, client: quinn::Endpoint, config: &Config) -> Self {
@@ -746,230 +739,286 @@ impl WorkerUpstreams {
         let shared = &up.shared;
         let retry = &shared.retry;
         let (parts, body) = req.into_parts();
-        let method = &parts.method;
         let info = RequestInfo {
             client_ip,
             path: parts.uri.path(),
             headers: &parts.headers,
         };
         let replay = Replayable::new(body, retry.buffer_body_limit);
-        let started = Instant::now();
-        let deadline = started + shared.cfg.timeouts.request;
-        shared.retry_budget.deposit(started);
-
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tries = RetryLoop::new(
+            retry,
+            &shared.retry_budget,
+            &parts.method,
+            shared.cfg.timeouts.request,
+            Instant::now(),
+        );
+        // The balancer's view of the last choice, for the sticky cookie.
         let mut views: Vec<BackendView<'_>> = Vec::with_capacity(shared.backends.len());
-        let mut last: Option<ForwardError> = None;
-        let mut held: Option<Held> = None;
-        let max_tries = 1 + retry.attempts as usize;
-        for attempt in 0..max_tries {
-            if attempt > 0 {
-                let delay = retry.backoff(attempt as u32, &mut rand::rng());
-                if Instant::now() + delay >= deadline {
-                    break;
-                }
-                tokio::time::sleep(delay).await;
-            }
-            let now = Instant::now();
-            let eligible = match shared.candidates(now) {
-                Ok(e) => e,
-                Err(e) => {
-                    last = Some(e);
-                    break;
-                }
-            };
-            views.clear();
-            views.extend(
-                shared
-                    .backends
-                    .iter()
-                    .zip(&eligible)
-                    .map(|(b, &eligible)| BackendView {
-                        id: &b.cfg.id,
-                        weight: b.weight(),
-                        stats: &b.stats,
-                        eligible,
-                    }),
-            );
-            let pick = match up.balancer.lock() {
-                Ok(mut bal) => bal.pick(&views, &info, &tried, now),
-                Err(_) => None,
-            };
-            let Some(bi) = pick else {
-                break;
-            };
-            tried.push(bi);
-            let backend = &shared.backends[bi];
-            let Some(client) = up.pools.get(bi).and_then(|p| p.client(shared, bi)) else {
-                break;
-            };
-            let permit = match &backend.breaker {
-                None => None,
-                Some(br) => match br.try_acquire(now) {
-                    Ok(p) => {
-                        if p.is_trial() {
-                            info!(backend = %backend.label, "circuit breaker half-open: sending a trial request");
-                        }
-                        Some((p, br))
-                    }
-                    Err(rejected) => {
-                        // Lost a race with another request for the last
-                        // slot; another backend may take it.
-                        debug!(backend = %backend.label, reason = %rejected, "circuit breaker rejected the request");
-                        last = Some(breaker_error(&backend.cfg.id, &rejected));
-                        continue;
-                    }
-                },
-            };
-
-            let in_flight = backend.stats.start_request_owned();
-            backend.counters.requests.fetch_add(1, Ordering::Relaxed);
-            if attempt > 0 {
-                backend.counters.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            let try_timeout = retry
-                .per_try_timeout()
-                .map_or(deadline, |t| (now + t).min(deadline))
-                .saturating_duration_since(now);
-            let head = Request::from_parts(parts.clone(), replay.reader());
-            // The per-try timeout covers the whole try, waiting for a
-            // connection included (the pool bounds only the exchange).
-            let result =
-                match tokio::time::timeout(try_timeout, client.send(head, try_timeout)).await {
-                    Ok(r) => r.map_err(|(e, _unsent)| e),
-                    Err(_) => Err(UpstreamError::Timeout {
-                        backend: backend.label.clone(),
-                        after: try_timeout,
-                    }),
-                };
-            drop(client);
-            let done = Instant::now();
-            let error = match result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    backend.counters.response(status);
-                    backend.stats.record_latency(done - now, done);
-                    backend.counters.latency.observe((done - now).as_secs_f64());
-                    let ok = status < 500;
-                    if let Some(o) = &shared.outliers {
-                        let outcome = if ok {
-                            Outcome::Success
-                        } else {
-                            Outcome::Status5xx
-                        };
-                        if let Some(ej) = o.record(bi, outcome, done) {
-                            ejected(backend, &ej);
-                        }
-                    }
-                    // The result counts now; the concurrency slot lasts as
-                    // long as the response body.
-                    let slot = permit.map(|(p, br)| {
-                        let trial = p.is_trial();
-                        let (state, slot) = p.record_and_hold(ok, done, br);
-                        breaker_changed(backend, state, trial, status.to_string());
-                        slot
-                    });
-                    let (rparts, rbody) = resp.into_parts();
-                    let guard: Box<dyn Send> = Box::new((in_flight, slot));
-                    let response =
-                        Response::from_parts(rparts, body::boxed(Guarded::new(rbody, guard)));
-                    let can_retry = attempt + 1 < max_tries
-                        && retry_allowed(retry, method, &replay, FailureKind::Status(status))
-                        && shared.retry_budget.try_withdraw(done);
-                    held = Some(Held {
-                        response,
-                        backend: bi,
-                    });
-                    if can_retry {
-                        debug!(backend = %backend.label, status, "retrying on another backend");
-                        continue;
-                    }
-                    break;
-                }
-                Err(err) => err,
-            };
-            drop(in_flight);
-            // A try failed before any response.
-            let failure = match &error {
-                e if e.is_connect_failure() => FailureKind::ConnectFailure,
-                UpstreamError::Refused { .. } => FailureKind::Refused,
-                UpstreamError::Timeout { .. } => FailureKind::Timeout,
-                _ => FailureKind::ResetBeforeHeaders,
-            };
-            let local = matches!(
-                error,
-                UpstreamError::ClientAborted(_)
-                    | UpstreamError::BodyTooLarge { .. }
-                    | UpstreamError::MalformedBody { .. }
-            );
-            if !local {
-                let c = &backend.counters;
-                match failure {
-                    FailureKind::ConnectFailure | FailureKind::Refused => &c.connect_failures,
-                    FailureKind::Timeout => &c.timeouts,
-                    _ => &c.resets,
-                }
-                .fetch_add(1, Ordering::Relaxed);
-                let outcome = match failure {
-                    FailureKind::ConnectFailure | FailureKind::Refused => Outcome::ConnectFailure,
-                    FailureKind::Timeout => Outcome::Timeout,
-                    _ => Outcome::Reset,
-                };
-                if let Some(o) = &shared.outliers
-                    && let Some(ej) = o.record(bi, outcome, done)
-                {
-                    ejected(backend, &ej);
-                }
-                if let Some((p, _)) = permit {
-                    let trial = p.is_trial();
-                    let state = p.record(false, done);
-                    breaker_changed(backend, state, trial, short_detail(&error));
-                }
-            }
-            debug!(backend = %backend.label, error = %error, attempt, "try failed");
-            last = Some(ForwardError {
-                tries: 0,
-                status: error.status(),
-                detail: short_detail(&error),
-                retry_after: None,
-                backend: Some(backend.cfg.id.clone()),
+        let mut now = Instant::now();
+        let end = loop {
+            let step = tries.next(now, &mut rand::rng(), |now, tried| {
+                choose(up, &info, &mut views, now, tried)
             });
-            if local {
-                // The client's request itself failed: no retry, and an
-                // earlier backend response is moot.
-                held = None;
-                break;
+            match step {
+                Ok(Step::Wait { until }) => {
+                    tokio::time::sleep_until(until.into()).await;
+                    // The timer fired: the wait is over even where the
+                    // runtime's clock is not the system's (paused in tests).
+                    now = Instant::now().max(until);
+                }
+                Ok(Step::Send {
+                    backend,
+                    attempt,
+                    timeout,
+                }) => {
+                    let (outcome, at) =
+                        try_backend(up, backend, attempt, timeout, now, &parts, &replay).await;
+                    let status = match &outcome {
+                        TryOutcome::Response { status, .. } => Some(*status),
+                        _ => None,
+                    };
+                    let granted = tries.record(outcome, body_state(&replay), at);
+                    if let (Ok(true), Some(status), Some(b)) =
+                        (granted, status, shared.backends.get(backend))
+                    {
+                        debug!(backend = %b.label, status, "retrying on another backend");
+                    }
+                    now = Instant::now();
+                }
+                Ok(end @ (Step::Respond { .. } | Step::Fail { .. })) => break Ok(end),
+                Err(e) => break Err(e),
             }
-            let can_retry = attempt + 1 < max_tries
-                && retry_allowed(retry, method, &replay, failure)
-                && shared.retry_budget.try_withdraw(Instant::now());
-            if !can_retry {
-                break;
-            }
-        }
-        let tries = tried.len() as u32;
+        };
+        let tries = match &end {
+            Ok(Step::Respond { tries, .. } | Step::Fail { tries, .. }) => *tries,
+            _ => tries.tried().len() as u32,
+        };
         if tries > 1 {
             crate::metrics::LIVE
                 .retries
                 .with_label_values(&[&shared.cfg.name])
                 .inc_by(u64::from(tries - 1));
         }
-        if let Some(Held { response, backend }) = held {
-            let mut fwd = deliver(up, &views, response, backend, &info);
-            fwd.tries = tries;
-            return Ok(fwd);
-        }
-        Err(last.map_or(
-            ForwardError {
+        match end {
+            Ok(Step::Respond {
+                backend, response, ..
+            }) => {
+                let mut fwd = deliver(up, &views, response, backend, &info);
+                fwd.tries = tries;
+                Ok(fwd)
+            }
+            Ok(Step::Fail { error, .. }) => Err(error.map_or(
+                ForwardError {
+                    tries,
+                    status: http::StatusCode::BAD_GATEWAY,
+                    detail: "no backend answered".into(),
+                    retry_after: None,
+                    backend: None,
+                },
+                |e| ForwardError { tries, ..e },
+            )),
+            // The loop above steps the machine in order; reaching this is
+            // a bug, reported rather than panicked on.
+            Ok(Step::Wait { .. } | Step::Send { .. }) | Err(_) => Err(ForwardError {
                 tries,
-                status: http::StatusCode::BAD_GATEWAY,
-                detail: "no backend answered".into(),
+                status: http::StatusCode::INTERNAL_SERVER_ERROR,
+                detail: match end {
+                    Err(e) => format!("retry loop: {e}"),
+                    Ok(_) => "retry loop stopped mid-request".into(),
+                },
                 retry_after: None,
                 backend: None,
-            },
-            |e| ForwardError { tries, ..e },
-        ))
+            }),
+        }
     }
+}
+
+/// The backend for the next try: the balancer's pick among the backends
+/// eligible at `now` (filling `views`, which the sticky cookie needs
+/// later), avoiding those `tried`. `Err` is the 503 when none is eligible.
+fn choose<'a>(
+    up: &'a WorkerUpstream,
+    info: &RequestInfo<'_>,
+    views: &mut Vec<BackendView<'a>>,
+    now: Instant,
+    tried: &[usize],
+) -> Result<Option<usize>, ForwardError> {
+    let shared = &up.shared;
+    let eligible = shared.candidates(now)?;
+    views.clear();
+    views.extend(
+        shared
+            .backends
+            .iter()
+            .zip(&eligible)
+            .map(|(b, &eligible)| BackendView {
+                id: &b.cfg.id,
+                weight: b.weight(),
+                stats: &b.stats,
+                eligible,
+            }),
+    );
+    Ok(match up.balancer.lock() {
+        Ok(mut bal) => bal.pick(views, info, tried, now),
+        Err(_) => None,
+    })
+}
+
+/// How far the request body has gone, for the retry policy.
+fn body_state(replay: &Replayable) -> BodyState {
+    match replay.status() {
+        ReplayStatus::Replayable => BodyState::FullyBuffered,
+        ReplayStatus::Overflowed => BodyState::Streaming,
+    }
+}
+
+/// One try on backend `bi`, picked at `now`: takes a circuit-breaker
+/// permit, sends within `timeout`, and records the result for the
+/// counters, outlier detection, the breaker and the balancers. Returns
+/// the outcome for the retry loop and the instant to record it at (the
+/// response's arrival; a fresh one after an error, so that the budget is
+/// charged after the bookkeeping, as it always was).
+async fn try_backend(
+    up: &WorkerUpstream,
+    bi: usize,
+    attempt: u32,
+    try_timeout: Duration,
+    now: Instant,
+    parts: &http::request::Parts,
+    replay: &Replayable,
+) -> (TryOutcome<Response<ProxyBody>, ForwardError>, Instant) {
+    let shared = &up.shared;
+    let (Some(backend), Some(client)) = (
+        shared.backends.get(bi),
+        up.pools.get(bi).and_then(|p| p.client(shared, bi)),
+    ) else {
+        return (TryOutcome::NoClient, now);
+    };
+    let permit = match &backend.breaker {
+        None => None,
+        Some(br) => match br.try_acquire(now) {
+            Ok(p) => {
+                if p.is_trial() {
+                    info!(backend = %backend.label, "circuit breaker half-open: sending a trial request");
+                }
+                Some((p, br))
+            }
+            Err(rejected) => {
+                // Lost a race with another request for the last
+                // slot; another backend may take it.
+                debug!(backend = %backend.label, reason = %rejected, "circuit breaker rejected the request");
+                let error = breaker_error(&backend.cfg.id, &rejected);
+                return (TryOutcome::Rejected(error), now);
+            }
+        },
+    };
+
+    let in_flight = backend.stats.start_request_owned();
+    backend.counters.requests.fetch_add(1, Ordering::Relaxed);
+    if attempt > 0 {
+        backend.counters.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    let head = Request::from_parts(parts.clone(), replay.reader());
+    // The per-try timeout covers the whole try, waiting for a
+    // connection included (the pool bounds only the exchange).
+    let result = match tokio::time::timeout(try_timeout, client.send(head, try_timeout)).await {
+        Ok(r) => r.map_err(|(e, _unsent)| e),
+        Err(_) => Err(UpstreamError::Timeout {
+            backend: backend.label.clone(),
+            after: try_timeout,
+        }),
+    };
+    drop(client);
+    let done = Instant::now();
+    let error = match result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            backend.counters.response(status);
+            backend.stats.record_latency(done - now, done);
+            backend.counters.latency.observe((done - now).as_secs_f64());
+            let ok = status < 500;
+            if let Some(o) = &shared.outliers {
+                let outcome = if ok {
+                    Outcome::Success
+                } else {
+                    Outcome::Status5xx
+                };
+                if let Some(ej) = o.record(bi, outcome, done) {
+                    ejected(backend, &ej);
+                }
+            }
+            // The result counts now; the concurrency slot lasts as
+            // long as the response body.
+            let slot = permit.map(|(p, br)| {
+                let trial = p.is_trial();
+                let (state, slot) = p.record_and_hold(ok, done, br);
+                breaker_changed(backend, state, trial, status.to_string());
+                slot
+            });
+            let (rparts, rbody) = resp.into_parts();
+            let guard: Box<dyn Send> = Box::new((in_flight, slot));
+            let response = Response::from_parts(rparts, body::boxed(Guarded::new(rbody, guard)));
+            return (TryOutcome::Response { status, response }, done);
+        }
+        Err(err) => err,
+    };
+    drop(in_flight);
+    // A try failed before any response.
+    let failure = match &error {
+        e if e.is_connect_failure() => FailureKind::ConnectFailure,
+        UpstreamError::Refused { .. } => FailureKind::Refused,
+        UpstreamError::Timeout { .. } => FailureKind::Timeout,
+        _ => FailureKind::ResetBeforeHeaders,
+    };
+    let local = matches!(
+        error,
+        UpstreamError::ClientAborted(_)
+            | UpstreamError::BodyTooLarge { .. }
+            | UpstreamError::MalformedBody { .. }
+    );
+    if !local {
+        let c = &backend.counters;
+        match failure {
+            FailureKind::ConnectFailure | FailureKind::Refused => &c.connect_failures,
+            FailureKind::Timeout => &c.timeouts,
+            _ => &c.resets,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let outcome = match failure {
+            FailureKind::ConnectFailure | FailureKind::Refused => Outcome::ConnectFailure,
+            FailureKind::Timeout => Outcome::Timeout,
+            _ => Outcome::Reset,
+        };
+        if let Some(o) = &shared.outliers
+            && let Some(ej) = o.record(bi, outcome, done)
+        {
+            ejected(backend, &ej);
+        }
+        if let Some((p, _)) = permit {
+            let trial = p.is_trial();
+            let state = p.record(false, done);
+            breaker_changed(backend, state, trial, short_detail(&error));
+        }
+    }
+    debug!(backend = %backend.label, error = %error, attempt, "try failed");
+    let forward_error = ForwardError {
+        tries: 0,
+        status: error.status(),
+        detail: short_detail(&error),
+        retry_after: None,
+        backend: Some(backend.cfg.id.clone()),
+    };
+    let outcome = if local {
+        // The client's request itself failed: no retry, and an
+        // earlier backend response is moot.
+        TryOutcome::Local(forward_error)
+    } else {
+        TryOutcome::Failed {
+            failure,
+            error: forward_error,
+        }
+    };
+    (outcome, Instant::now())
 }
 
 /// The response of backend `bi`, with the balancer's cookie (sticky
@@ -1038,19 +1087,6 @@ fn breaker_changed(
         }
         _ => {}
     }
-}
-
-fn retry_allowed(
-    retry: &RetryConfig,
-    method: &http::Method,
-    replay: &Replayable,
-    failure: FailureKind,
-) -> bool {
-    let body_state = match replay.status() {
-        ReplayStatus::Replayable => BodyState::FullyBuffered,
-        ReplayStatus::Overflowed => BodyState::Streaming,
-    };
-    retry::retry_allowed(method, body_state, failure, retry)
 }
 
 /// What the client is told: the kind of failure, not internal addresses.
