@@ -10,6 +10,7 @@ pub mod backend;
 pub mod error;
 pub mod forward;
 pub mod h3;
+pub mod open;
 pub mod pools;
 pub mod probe;
 pub mod registry;
