@@ -10,11 +10,14 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
+use super::backend;
 use super::error::{ForwardError, SetupError, breaker_error};
-use super::{backend, probe};
 use crate::balancer::BackendStats;
 use crate::config::{self, Config};
-use crate::health::{self, CircuitBreaker, HealthState, OutlierPool, Rejected, Selection};
+use crate::health::{
+    self, BreakerState, CircuitBreaker, HealthState, OutlierPool, Rejected, Selection,
+};
+use crate::metrics::{BackendCounters, BackendSample};
 use crate::retry::{RetryBudget, RetryConfig};
 use crate::tls;
 
@@ -30,6 +33,9 @@ pub enum Control {
 }
 
 impl Control {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [Control; 3] = [Control::Enabled, Control::Draining, Control::Disabled];
+
     pub fn name(self) -> &'static str {
         match self {
             Control::Enabled => "enabled",
@@ -96,7 +102,7 @@ pub struct SharedBackend {
     state: Arc<BackendState>,
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// Requests, responses and failures, for metrics.
-    pub counters: Arc<crate::metrics::BackendCounters>,
+    pub counters: Arc<BackendCounters>,
 }
 
 impl SharedBackend {
@@ -370,9 +376,7 @@ impl SharedUpstreams {
                         }
                         _ => Arc::new(SharedBackend {
                             cfg: b.clone(),
-                            counters: Arc::new(crate::metrics::BackendCounters::new(
-                                &u.name, &b.id,
-                            )),
+                            counters: Arc::new(BackendCounters::new(&u.name, &b.id)),
                             label,
                             stats: Arc::new(BackendStats::with_decay(u.balancing.ewma_decay())),
                             state: Arc::new(BackendState::new(b.weight)),
@@ -410,8 +414,34 @@ impl SharedUpstreams {
 }
 
 impl SharedUpstreams {
-    /// Starts the active health checks (see [`probe`]).
-    pub fn start_health_checks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        probe::start(self)
+    /// Every backend's state at `now`, for a metrics scrape.
+    pub fn samples(&self, now: Instant) -> Vec<BackendSample<'_>> {
+        self.upstreams
+            .iter()
+            .flat_map(|up| {
+                up.backends.iter().enumerate().map(move |(bi, b)| {
+                    let control = b.control();
+                    BackendSample {
+                        upstream: &up.cfg.name,
+                        backend: &b.cfg.id,
+                        counters: &b.counters,
+                        in_flight: b.stats.in_flight(),
+                        health: b.health(),
+                        ejected: up.outliers.as_ref().is_some_and(|p| p.is_ejected(bi, now)),
+                        times_ejected: up
+                            .outliers
+                            .as_ref()
+                            .and_then(|p| p.host(bi))
+                            .map_or(0, |h| h.times_ejected()),
+                        breaker: b
+                            .breaker
+                            .as_ref()
+                            .map_or(BreakerState::Closed, |br| br.state(now)),
+                        control: Control::ALL.map(|c| (c.name(), c == control)),
+                        weight: b.weight(),
+                    }
+                })
+            })
+            .collect()
     }
 }
