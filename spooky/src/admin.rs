@@ -169,7 +169,7 @@ async fn handle(
                 .as_ref()
                 .and_then(|x| x.lock().ok().and_then(|x| x.counters().ok()));
             let body = metrics::render(&Scrape {
-                upstreams: &generation.upstreams,
+                backends: generation.upstreams.samples(Instant::now()),
                 steering_mode: state.steering_mode,
                 workers: state.workers,
                 xdp,

@@ -3,11 +3,11 @@
 //!
 //! Request path, one module each: [`listener`] (HTTP/3 termination) →
 //! [`proxy`] (phases: request id, [`routing`], limits, headers) →
-//! [`upstream`] ([`balancer`], [`health`], retries, pooled connections) →
-//! back. Around it: [`config`], [`tls`], [`cid`] (routable connection IDs),
-//! [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
-//! (lifecycle). [`balancer`] and [`health`] are the sans-IO `spooky_lb`
-//! crate, re-exported under their old paths.
+//! [`upstream`] ([`balancer`], [`health`], [`retry`], pooled connections)
+//! → back. Around it: [`config`], [`tls`], [`cid`] (routable connection
+//! IDs), [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
+//! (lifecycle). [`balancer`], [`health`] and [`retry`] are modules of the
+//! sans-IO `spooky_lb` crate, re-exported here.
 
 pub mod admin;
 pub use spooky_lb::balancer;
@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub use spooky_lb::health;
+pub use spooky_lb::retry;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

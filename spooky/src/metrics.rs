@@ -3,7 +3,8 @@
 //! atomics and `prometheus` histograms and gauges (lock-free); backend
 //! state (in flight, health, ejection, breaker, operator control) is read
 //! from the shared upstream state at scrape time rather than copied on
-//! every request. Labels are bounded: routes, upstreams and backends come
+//! every request: the upstream registry hands it over as
+//! [`BackendSample`]s, so this module need not know the upstream types. Labels are bounded: routes, upstreams and backends come
 //! from the config, never from requests.
 
 use std::sync::LazyLock;
@@ -17,7 +18,6 @@ use prometheus::{
 use spooky_common::maps::XdpCounter;
 
 use crate::health::{BreakerState, HealthState};
-use crate::upstream::{Control, SharedUpstreams};
 
 /// Latency buckets (seconds): 0.5 ms to 30 s.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -290,9 +290,25 @@ impl BackendCounters {
     }
 }
 
-/// What the scrape needs besides the upstreams.
+/// One backend's state at scrape time.
+pub struct BackendSample<'a> {
+    pub upstream: &'a str,
+    pub backend: &'a str,
+    pub counters: &'a BackendCounters,
+    pub in_flight: u32,
+    pub health: HealthState,
+    pub ejected: bool,
+    pub times_ejected: u32,
+    /// `Closed` when no breaker is configured.
+    pub breaker: BreakerState,
+    /// Every operator control state's name, and whether it is the current one.
+    pub control: [(&'static str, bool); 3],
+    pub weight: u32,
+}
+
+/// What the scrape needs.
 pub struct Scrape<'a> {
-    pub upstreams: &'a SharedUpstreams,
+    pub backends: Vec<BackendSample<'a>>,
     pub steering_mode: &'static str,
     pub workers: usize,
     pub xdp: Option<[u64; XdpCounter::COUNT as usize]>,
@@ -479,81 +495,67 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Open connections to the backend in the workers' pools.",
         &ub,
     );
-    let now = Instant::now();
-    for up in &s.upstreams.upstreams {
-        for (bi, b) in up.backends.iter().enumerate() {
-            let l = [up.cfg.name.as_str(), b.cfg.id.as_str()];
-            let c = &b.counters;
-            b_requests
-                .with_label_values(&l)
-                .inc_by(c.requests.load(Ordering::Relaxed));
-            for (i, cl) in CLASSES.iter().enumerate() {
-                b_responses
-                    .with_label_values(&[l[0], l[1], cl])
-                    .inc_by(c.responses[i].load(Ordering::Relaxed));
-            }
-            for (kind, v) in [
-                ("connect", &c.connect_failures),
-                ("reset", &c.resets),
-                ("timeout", &c.timeouts),
-            ] {
-                b_failures
-                    .with_label_values(&[l[0], l[1], kind])
-                    .inc_by(v.load(Ordering::Relaxed));
-            }
-            b_retries
-                .with_label_values(&l)
-                .inc_by(c.retries.load(Ordering::Relaxed));
-            b_in_flight
-                .with_label_values(&l)
-                .set(b.stats.in_flight() as i64);
-            let state = b.health();
-            b_healthy
-                .with_label_values(&l)
-                .set(i64::from(state.is_routable()));
-            for (st, name) in [
-                (HealthState::Healthy, "healthy"),
-                (HealthState::Degraded, "degraded"),
-                (HealthState::Unhealthy, "unhealthy"),
-                (HealthState::Recovering, "recovering"),
-            ] {
-                b_health
-                    .with_label_values(&[l[0], l[1], name])
-                    .set(i64::from(state == st));
-            }
-            let ejected = up.outliers.as_ref().is_some_and(|p| p.is_ejected(bi, now));
-            b_ejected.with_label_values(&l).set(i64::from(ejected));
-            let times = up
-                .outliers
-                .as_ref()
-                .and_then(|p| p.host(bi))
-                .map_or(0, |h| h.times_ejected());
-            b_ejections.with_label_values(&l).inc_by(u64::from(times));
-            // No breaker configured reads as always closed.
-            let current = b
-                .breaker
-                .as_ref()
-                .map_or(BreakerState::Closed, |br| br.state(now));
-            for (st, name) in [
-                (BreakerState::Closed, "closed"),
-                (BreakerState::Open, "open"),
-                (BreakerState::HalfOpen, "half_open"),
-            ] {
-                b_circuit
-                    .with_label_values(&[l[0], l[1], name])
-                    .set(i64::from(current == st));
-            }
-            let control = b.control();
-            for c in [Control::Enabled, Control::Draining, Control::Disabled] {
-                b_control
-                    .with_label_values(&[l[0], l[1], c.name()])
-                    .set(i64::from(control == c));
-            }
-            b_weight.with_label_values(&l).set(i64::from(b.weight()));
-            b_pool
-                .with_label_values(&l)
-                .set(c.pool_connections.load(Ordering::Relaxed) as i64);
+    for b in &s.backends {
+        let l = [b.upstream, b.backend];
+        let c = b.counters;
+        b_requests
+            .with_label_values(&l)
+            .inc_by(c.requests.load(Ordering::Relaxed));
+        for (i, cl) in CLASSES.iter().enumerate() {
+            b_responses
+                .with_label_values(&[l[0], l[1], cl])
+                .inc_by(c.responses[i].load(Ordering::Relaxed));
         }
+        for (kind, v) in [
+            ("connect", &c.connect_failures),
+            ("reset", &c.resets),
+            ("timeout", &c.timeouts),
+        ] {
+            b_failures
+                .with_label_values(&[l[0], l[1], kind])
+                .inc_by(v.load(Ordering::Relaxed));
+        }
+        b_retries
+            .with_label_values(&l)
+            .inc_by(c.retries.load(Ordering::Relaxed));
+        b_in_flight
+            .with_label_values(&l)
+            .set(i64::from(b.in_flight));
+        b_healthy
+            .with_label_values(&l)
+            .set(i64::from(b.health.is_routable()));
+        for (st, name) in [
+            (HealthState::Healthy, "healthy"),
+            (HealthState::Degraded, "degraded"),
+            (HealthState::Unhealthy, "unhealthy"),
+            (HealthState::Recovering, "recovering"),
+        ] {
+            b_health
+                .with_label_values(&[l[0], l[1], name])
+                .set(i64::from(b.health == st));
+        }
+        b_ejected.with_label_values(&l).set(i64::from(b.ejected));
+        b_ejections
+            .with_label_values(&l)
+            .inc_by(u64::from(b.times_ejected));
+        for (st, name) in [
+            (BreakerState::Closed, "closed"),
+            (BreakerState::Open, "open"),
+            (BreakerState::HalfOpen, "half_open"),
+        ] {
+            b_circuit
+                .with_label_values(&[l[0], l[1], name])
+                .set(i64::from(b.breaker == st));
+        }
+        for (name, current) in b.control {
+            b_control
+                .with_label_values(&[l[0], l[1], name])
+                .set(i64::from(current));
+        }
+        b_weight.with_label_values(&l).set(i64::from(b.weight));
+        b_pool
+            .with_label_values(&l)
+            .set(c.pool_connections.load(Ordering::Relaxed) as i64);
     }
 
     if let Some(x) = &s.xdp {
@@ -586,9 +588,8 @@ mod tests {
         LIVE.request_duration
             .with_label_values(&["r"])
             .observe(0.01);
-        let ups = SharedUpstreams { upstreams: vec![] };
         let text = render(&Scrape {
-            upstreams: &ups,
+            backends: vec![],
             steering_mode: "off",
             workers: 2,
             xdp: Some([1; XdpCounter::COUNT as usize]),

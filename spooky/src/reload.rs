@@ -203,7 +203,7 @@ impl Reloader {
     /// Starts the active health checks of the current generation (must run
     /// inside a tokio runtime).
     pub fn start_health_checks(&self) {
-        let tasks = self.current().upstreams.start_health_checks();
+        let tasks = crate::upstream::probe::start(&self.current().upstreams);
         if let Ok(mut h) = self.health.lock() {
             for old in h.drain(..) {
                 old.abort();

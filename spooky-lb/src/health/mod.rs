@@ -1,7 +1,7 @@
 //! Backend health and resilience, sans-IO (time is passed in as `Instant`,
 //! randomness as an `Rng`): active-check state machines, passive outlier
-//! detection, circuit breakers, the panic / all-down policy and the retry
-//! policy with its budget. spooky's probe tasks (`spooky::upstream::probe`)
+//! detection, circuit breakers and the panic / all-down policy (retries are
+//! in [`crate::retry`]). spooky's probe tasks (`spooky::upstream::probe`)
 //! and request path drive these; nothing here does I/O.
 //!
 //! How the pieces combine into `BackendView::eligible` for the balancer:
@@ -18,7 +18,6 @@ pub mod breaker;
 pub mod clock;
 pub mod outlier;
 pub mod panic;
-pub mod retry;
 
 pub use active::{ActiveHealthConfig, HealthMachine, HealthState, StatusRange, Transition};
 pub use breaker::{
@@ -27,7 +26,3 @@ pub use breaker::{
 };
 pub use outlier::{EjectReason, Ejection, Outcome, OutlierConfig, OutlierPool, OutlierState};
 pub use panic::{AllDownConfig, PanicConfig, Selection, routable_set};
-pub use retry::{
-    BUDGET_WINDOW, BackoffConfig, BodyState, FailureKind, RetryBudget, RetryConfig, RetryOn,
-    is_idempotent, retry_allowed,
-};

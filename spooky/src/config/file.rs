@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::balancer::BalancingConfig;
-use crate::health::{
-    ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig, RetryConfig,
-};
+use crate::health::{ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig};
+use crate::retry::RetryConfig;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]

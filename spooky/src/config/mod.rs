@@ -17,9 +17,8 @@ use spooky_common::CidLayout;
 pub use file::{FileConfig, LogFormat, SteeringMode, UpstreamProtocol};
 
 use crate::balancer::BalancingConfig;
-use crate::health::{
-    ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig, RetryConfig,
-};
+use crate::health::{ActiveHealthConfig, CircuitBreakerConfig, OutlierConfig, PanicConfig};
+use crate::retry::RetryConfig;
 use crate::routing::RouteMatch;
 use crate::tls::Verification;
 
@@ -170,12 +169,8 @@ pub struct Route {
     pub rate_limit: Option<Rate>,
 }
 
-/// A validated token-bucket rate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub per_second: f64,
-    pub burst: f64,
-}
+/// A validated token-bucket rate (defined with the buckets, in spooky-lb).
+pub use spooky_lb::limits::Rate;
 
 /// Packet steering.
 #[derive(Debug, Clone)]

@@ -3,12 +3,12 @@
 //! request path and the health prober talk to backends only through this.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use http::{Request, Response};
 
-use super::UpstreamError;
+use super::error::UpstreamError;
 use super::h3::{BackendPool, PoolSettings};
 use super::tcp::{TcpPool, TcpProtocol, TcpSettings};
 use crate::body::ProxyBody;
@@ -70,24 +70,6 @@ impl Transport {
 }
 
 /// A backend's connection pool, per worker (or for the health prober).
-/// Counts one open backend connection in its backend's gauge while alive
-/// (`spooky_backend_pool_connections`).
-#[derive(Debug)]
-pub struct OpenConnection(Arc<AtomicU64>);
-
-impl OpenConnection {
-    pub fn new(gauge: &Arc<AtomicU64>) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 pub enum BackendClient {
     H3(BackendPool),
     Tcp(TcpPool),

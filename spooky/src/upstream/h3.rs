@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::body::{self, H3Body, H3SendHalf, ProxyBody, SendBodyError};
 use crate::config::{BackendAddr, file::PoolConfig};
 
-use super::UpstreamError;
+use super::error::UpstreamError;
 
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
@@ -49,7 +49,7 @@ struct PooledConn {
     /// The backend sent GOAWAY (or refused a stream): no new requests.
     draining: AtomicBool,
     last_used: Mutex<Instant>,
-    _open: Option<super::backend::OpenConnection>,
+    _open: Option<super::open::OpenConnection>,
 }
 
 impl PooledConn {
@@ -314,7 +314,7 @@ impl BackendPool {
                 .settings
                 .open
                 .as_ref()
-                .map(super::backend::OpenConnection::new),
+                .map(super::open::OpenConnection::new),
         });
         let label = self.label.clone();
         tokio::spawn(async move {

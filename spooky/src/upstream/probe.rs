@@ -11,16 +11,16 @@ use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::backend::BackendClient;
+use super::registry::{SharedUpstream, SharedUpstreams};
 use crate::body;
 use crate::health::{ActiveHealthConfig, HealthMachine, HealthState};
-use crate::upstream::backend::BackendClient;
-use crate::upstream::{SharedUpstream, SharedUpstreams};
 
 /// Starts a probe task for every backend with a health check (its own
 /// `health_check`, as in the original format, or its upstream's). Must be
 /// called inside a tokio runtime.
 pub fn start(upstreams: &Arc<SharedUpstreams>) -> Vec<JoinHandle<()>> {
-    let endpoint = match crate::upstream::h3::client_endpoint() {
+    let endpoint = match super::h3::client_endpoint() {
         Ok(e) => e,
         Err(e) => {
             warn!(error = %e, "cannot open a socket for health checks; active checks disabled");

@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::UpstreamError;
+use super::error::UpstreamError;
 use crate::body::{self, ProxyBody};
 use crate::config::BackendAddr;
 
@@ -45,7 +45,7 @@ pub struct TcpSettings {
 /// A connection the pool hands to hyper.
 pub struct TcpConn {
     io: TcpIo,
-    _open: Option<super::backend::OpenConnection>,
+    _open: Option<super::open::OpenConnection>,
 }
 
 enum TcpIo {
@@ -182,7 +182,7 @@ impl Connector {
         };
         Ok(TcpConn {
             io,
-            _open: self.open.as_ref().map(super::backend::OpenConnection::new),
+            _open: self.open.as_ref().map(super::open::OpenConnection::new),
         })
     }
 }
