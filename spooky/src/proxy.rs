@@ -365,9 +365,13 @@ impl Proxy {
         // Route.
         let host = routing::request_host(&parts.uri, &parts.headers);
         let path = parts.uri.path().to_owned();
-        let Some((route_idx, route)) =
-            routing::find(&cfg.routes, host.as_deref(), &path, &parts.headers)
-        else {
+        let Some((route_idx, route)) = routing::find(
+            &cfg.routes,
+            |r| &r.matcher,
+            host.as_deref(),
+            &path,
+            &parts.headers,
+        ) else {
             return self.finish(
                 error_response(
                     StatusCode::NOT_FOUND,
