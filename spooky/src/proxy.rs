@@ -22,11 +22,11 @@ use tracing::{debug, info, warn};
 use crate::body::{self, BoxError, IdleTimeout, Limited, ProxyBody};
 use crate::config::Config;
 use crate::limits::{RateLimited, RequestLimits};
-use crate::listener::validate::{self, CONNECTION_SPECIFIC, Violation};
 use crate::metrics::LIVE;
 use crate::reload::Generation;
 use crate::routing;
 use crate::upstream::{ForwardError, WorkerUpstreams};
+use crate::validate::{self, CONNECTION_SPECIFIC, Violation};
 
 /// The parts of a request the access log names.
 #[derive(Clone, Copy)]

@@ -20,12 +20,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::lifetime::{self, ConnState, Expiry, GuardedBody, Watched};
-use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, Http1Framing, IdleTimeout};
 use crate::limits::{ConnectionSlot, ConnectionsPerClient};
 use crate::metrics::LIVE;
 use crate::proxy::{Downstream, ProxyHandle};
+use crate::validate::{self, ClientVersion};
 
 /// A TLS handshake that takes longer than this is abandoned: slow-loris
 /// protection for the one phase before HTTP's own timeouts apply.
