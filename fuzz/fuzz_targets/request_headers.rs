@@ -20,7 +20,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
 use libfuzzer_sys::fuzz_target;
-use spooky::listener::validate::{self, ClientVersion};
+use spooky::validate::{self, ClientVersion};
 
 const HOP_BY_HOP: [&str; 7] = [
     "connection",

@@ -2,12 +2,13 @@
 //! to the worker that owns their connection ID.
 //!
 //! Request path, one module each: [`listener`] (HTTP/3 termination) →
-//! [`proxy`] (phases: request id, [`routing`], limits, headers) →
-//! [`upstream`] ([`balancer`], [`health`], [`retry`], pooled connections)
-//! → back. Around it: [`config`], [`tls`], [`cid`] (routable connection
-//! IDs), [`steering`] (XDP / reuseport CBPF), [`worker`] and [`server`]
-//! (lifecycle). [`balancer`], [`health`] and [`retry`] are modules of the
-//! sans-IO `spooky_lb` crate, re-exported here.
+//! [`validate`] (malformed request heads) → [`proxy`] (phases: request
+//! id, [`routing`], limits, headers) → [`upstream`] ([`balancer`],
+//! [`health`], [`retry`], pooled connections) → back. Around it:
+//! [`config`], [`tls`], [`cid`] (routable connection IDs), [`steering`]
+//! (XDP / reuseport CBPF), [`worker`] and [`server`] (lifecycle).
+//! [`balancer`], [`health`] and [`retry`] are modules of the sans-IO
+//! `spooky_lb` crate, re-exported here.
 
 pub mod admin;
 pub use spooky_lb::balancer;
@@ -28,4 +29,5 @@ pub mod server;
 pub mod steering;
 pub mod tls;
 pub mod upstream;
+pub mod validate;
 pub mod worker;

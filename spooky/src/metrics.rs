@@ -435,7 +435,7 @@ pub fn render(s: &Scrape<'_>) -> String {
     );
     malformed
         .with_label_values(&[] as &[&str])
-        .inc_by(crate::listener::validate::MALFORMED_REQUESTS.load(Ordering::Relaxed));
+        .inc_by(crate::validate::MALFORMED_REQUESTS.load(Ordering::Relaxed));
 
     let ub = ["upstream", "backend"];
     let b_requests = f.counter_vec(

@@ -22,11 +22,11 @@ use tracing::{debug, info, warn};
 use crate::body::{self, BoxError, IdleTimeout, Limited, ProxyBody};
 use crate::config::Config;
 use crate::limits::{RateLimited, RequestLimits};
-use crate::listener::validate::{self, CONNECTION_SPECIFIC, Violation};
 use crate::metrics::LIVE;
 use crate::reload::Generation;
 use crate::routing;
 use crate::upstream::{ForwardError, WorkerUpstreams};
+use crate::validate::{self, CONNECTION_SPECIFIC, Violation};
 
 /// The parts of a request the access log names.
 #[derive(Clone, Copy)]
@@ -365,9 +365,13 @@ impl Proxy {
         // Route.
         let host = routing::request_host(&parts.uri, &parts.headers);
         let path = parts.uri.path().to_owned();
-        let Some((route_idx, route)) =
-            routing::find(&cfg.routes, host.as_deref(), &path, &parts.headers)
-        else {
+        let Some((route_idx, route)) = routing::find(
+            &cfg.routes,
+            |r| &r.matcher,
+            host.as_deref(),
+            &path,
+            &parts.headers,
+        ) else {
             return self.finish(
                 error_response(
                     StatusCode::NOT_FOUND,

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::Route;
-
 /// How a route matches the request host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostMatch {
@@ -138,17 +136,19 @@ pub fn request_host(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-/// Picks the first route matching the request.
-pub fn find<'r>(
-    routes: &'r [Route],
+/// Picks the first of `routes` (the config's, each with its
+/// [`RouteMatch`] given by `matcher`) matching the request.
+pub fn find<'r, R>(
+    routes: &'r [R],
+    matcher: impl Fn(&R) -> &RouteMatch,
     host: Option<&str>,
     path: &str,
     headers: &HeaderMap,
-) -> Option<(usize, &'r Route)> {
+) -> Option<(usize, &'r R)> {
     routes
         .iter()
         .enumerate()
-        .find(|(_, r)| r.matcher.matches(host, path, headers))
+        .find(|(_, r)| matcher(r).matches(host, path, headers))
 }
 
 #[cfg(test)]
@@ -186,6 +186,23 @@ mod tests {
         assert!(r.matches(None, "/api/x", &h));
         assert!(!r.matches(None, "/apix", &h));
         assert!(RouteMatch::any().matches(None, "/", &HeaderMap::new()));
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let routes = [
+            ("api", m(None, Some("/api/"), &[])),
+            ("all", RouteMatch::any()),
+            ("never", m(None, Some("/api/x"), &[])),
+        ];
+        let pick =
+            |path| find(&routes, |r| &r.1, None, path, &HeaderMap::new()).map(|(i, r)| (i, r.0));
+        assert_eq!(pick("/api/x"), Some((0, "api")));
+        assert_eq!(pick("/"), Some((1, "all")));
+        assert_eq!(
+            find(&routes[2..], |r| &r.1, None, "/", &HeaderMap::new()),
+            None
+        );
     }
 
     #[test]

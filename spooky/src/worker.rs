@@ -223,7 +223,8 @@ async fn run(
     let tcp_task = tcp.map(|l| {
         tokio::spawn(listener::tcp::serve(
             l,
-            shared.clone(),
+            shared.connections.clone(),
+            shared.alt_svc.clone(),
             proxy.clone(),
             activity.clone(),
             drain.clone(),

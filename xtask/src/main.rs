@@ -2,6 +2,7 @@
 //! eBPF object build), so that nothing needs a Makefile or a shell script.
 
 mod bench;
+mod cycles;
 mod ebpf;
 mod vendor;
 
@@ -68,6 +69,12 @@ enum Cmd {
     /// Rewrite vendor/h3/spooky.patch and vendor/quinn-proto/spooky.patch: the
     /// vendored trees against the crates as published (fetched when missing).
     VendorPatches,
+    /// Fail when two modules of spooky/src import each other.
+    CheckModuleCycles {
+        /// Workspace root to check (default: this one).
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
     /// Fail when Cargo.lock resolves h3 or quinn-proto from the registry
     /// instead of vendor/, or when a committed spooky.patch is stale.
     CheckVendor,
@@ -87,6 +94,10 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::CheckEbpf => ebpf::check(),
         Cmd::VendorPatches => vendor::write_patches(),
+        Cmd::CheckModuleCycles { root: dir } => match dir {
+            Some(dir) => cycles::check(&dir),
+            None => cycles::check(&root()?),
+        },
         Cmd::CheckVendor => vendor::check(),
     }
 }
@@ -331,6 +342,8 @@ fn test(args: &[String], no_lint: bool) -> Result<()> {
     vendor::check()?;
     eprintln!("xtask: spooky-lb stays sans-IO (dependency tree)");
     check_lb_sans_io(&root)?;
+    eprintln!("xtask: no two modules of spooky/src import each other");
+    cycles::check(&root)?;
     if have("clang-19") || have("clang") {
         eprintln!("xtask: checking the committed eBPF object against its source");
         ebpf::check()?;

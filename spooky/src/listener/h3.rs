@@ -3,7 +3,7 @@
 //! `http::Request<ProxyBody>` for the proxy and the proxy's response back
 //! into HEADERS, DATA and trailers. A malformed request or a client reset
 //! ends only its own stream. A request head is validated
-//! ([`super::validate`]) before it goes upstream, and its body is held to
+//! ([`crate::validate`]) before it goes upstream, and its body is held to
 //! its `content-length`: a mismatch aborts the upstream request and resets
 //! the stream.
 
@@ -15,12 +15,12 @@ use http::Response;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, H3Body, H3SendHalf, IdleTimeout, MalformedBody, SendBodyError};
 use crate::limits::ConnectionSlot;
 use crate::metrics::LIVE;
 use crate::proxy::{Downstream, Proxy, ProxyHandle};
+use crate::validate::{self, ClientVersion};
 
 type ServerConn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 

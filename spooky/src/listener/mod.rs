@@ -6,7 +6,6 @@
 pub mod h3;
 mod lifetime;
 pub mod tcp;
-pub mod validate;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -20,13 +20,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::lifetime::{self, ConnState, Expiry, GuardedBody, Watched};
-use super::validate::{self, ClientVersion};
 use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, Http1Framing, IdleTimeout};
-use crate::limits::ConnectionSlot;
+use crate::limits::{ConnectionSlot, ConnectionsPerClient};
 use crate::metrics::LIVE;
 use crate::proxy::{Downstream, ProxyHandle};
-use crate::worker::WorkerShared;
+use crate::validate::{self, ClientVersion};
 
 /// A TLS handshake that takes longer than this is abandoned: slow-loris
 /// protection for the one phase before HTTP's own timeouts apply.
@@ -63,10 +62,12 @@ pub fn alt_svc(port: u16, max_age_s: u64) -> HeaderValue {
 
 /// Accepts TLS connections until the worker drains. Each connection
 /// uses the TLS config and limits of the generation current when it
-/// arrives.
+/// arrives, counts against `connections` (per client, process-wide) and
+/// advertises HTTP/3 with `alt_svc`.
 pub async fn serve(
     listener: StdTcpListener,
-    shared: Arc<WorkerShared>,
+    connections: Arc<ConnectionsPerClient>,
+    alt_svc: HeaderValue,
     proxy: ProxyHandle,
     activity: Arc<Activity>,
     mut draining: watch::Receiver<bool>,
@@ -88,7 +89,7 @@ pub async fn serve(
                         LIVE.tcp_refused.with_label_values(&["rate"]).inc();
                         continue;
                     }
-                    let Some(slot) = shared.connections.try_open(peer.ip()) else {
+                    let Some(slot) = connections.try_open(peer.ip()) else {
                         LIVE.tcp_refused.with_label_values(&["per_client"]).inc();
                         continue;
                     };
@@ -97,7 +98,7 @@ pub async fn serve(
                         peer,
                         slot,
                         TlsAcceptor::from(tls),
-                        shared.alt_svc.clone(),
+                        alt_svc.clone(),
                         proxy.clone(),
                         activity.clone(),
                         draining.clone(),

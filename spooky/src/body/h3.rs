@@ -1,9 +1,6 @@
-//! Streaming bodies: the one body type the proxy passes between downstream
-//! and upstream, adapters from HTTP/3 streams into it and out of it, and the
-//! wrappers that bound a body in time (idle timeout) and size.
-//!
-//! Every adapter pulls one frame at a time, so a body costs at most one
-//! chunk plus the transport's flow-control window, whatever its length.
+//! HTTP/3 streams and bodies, on either side: [`H3Body`] reads a request
+//! or response stream as a body (holding it to its `content-length` and
+//! the trailers deadline), [`send_h3`] writes a body into one.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -14,61 +11,9 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
-/// Error type carried by bodies: any transport error, boxed.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body type every proxy phase works with.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Why a body stopped early.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("no body data for {0:?}")]
-    Idle(Duration),
-    #[error("body exceeds the {limit}-byte limit")]
-    TooLarge { limit: u64 },
-    /// Trailers began to arrive and did not complete in time.
-    #[error("trailers not received within {0:?}")]
-    TrailersTimeout(Duration),
-    #[error("HTTP/3 stream error: {0}")]
-    H3(#[from] h3::error::StreamError),
-    /// The DATA received disagrees with the declared `content-length`
-    /// (RFC 9114 §4.1.2: the message is malformed). `received` counts up
-    /// to and including the chunk that overshot.
-    #[error("body of {received} bytes where content-length declared {declared}")]
-    LengthMismatch { declared: u64, received: u64 },
-    /// The client's HTTP/1.1 body framing is invalid (a bad chunk size
-    /// line, a missing CRLF after a chunk, ...): the client's error, so
-    /// it gets 400 rather than the 502 of a backend failure.
-    #[error("malformed request body: {0}")]
-    Malformed(String),
-}
-
-/// An empty body.
-pub fn empty() -> ProxyBody {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A body of one chunk.
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// Boxes any body into a [`ProxyBody`].
-pub fn boxed<B>(body: B) -> ProxyBody
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    body.map_err(Into::into).boxed_unsync()
-}
+use super::{BodyError, BoxError, ProxyBody};
 
 /// The receiving half of an HTTP/3 request stream, on either side.
 pub trait H3Recv: Send + Unpin + 'static {
@@ -115,6 +60,7 @@ macro_rules! impl_h3_recv {
 }
 
 impl_h3_recv!(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>);
+
 impl_h3_recv!(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,196 +316,6 @@ impl<R: H3Recv> Body for H3Body<R> {
     }
 }
 
-/// Fails a body that yields no frame for `idle`: a stalled peer cannot pin
-/// a stream (and its buffers) forever.
-pub struct IdleTimeout<B> {
-    inner: B,
-    idle: Duration,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl<B> IdleTimeout<B> {
-    /// Wraps `inner`; the timer starts now.
-    pub fn new(inner: B, idle: Duration) -> Self {
-        Self {
-            inner,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-        }
-    }
-}
-
-impl<B> Body for IdleTimeout<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
-                Poll::Ready(Some(Err(BodyError::Idle(this.idle).into())))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Tells an invalid HTTP/1.1 request body framing (hyper reports it as a
-/// body error whose source is an `InvalidData`/`InvalidInput` I/O error
-/// from its chunked decoder) from a transport failure, turning the former
-/// into [`BodyError::Malformed`]. A TLS failure is an `InvalidData` I/O
-/// error too, but wraps a `rustls::Error`, and stays what it is.
-pub struct Http1Framing<B> {
-    inner: B,
-}
-
-impl<B> Http1Framing<B> {
-    pub fn new(inner: B) -> Self {
-        Self { inner }
-    }
-}
-
-impl<B> Body for Http1Framing<B>
-where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        Poll::Ready(frame.map(|r| {
-            r.map_err(|e| match framing_error(&e) {
-                Some(reason) => BodyError::Malformed(reason).into(),
-                None => e.into(),
-            })
-        }))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The decoder's message, when `e` is a body framing error.
-fn framing_error(e: &hyper::Error) -> Option<String> {
-    use std::error::Error as _;
-    let io = e.source()?.downcast_ref::<std::io::Error>()?;
-    let framing = matches!(
-        io.kind(),
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-    ) && io
-        .get_ref()
-        .is_none_or(|inner| inner.downcast_ref::<rustls::Error>().is_none());
-    framing.then(|| io.to_string())
-}
-
-/// The reason, when an error (anywhere in its source chain) is ours saying
-/// the client's request body was malformed.
-pub fn malformed_body(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(BodyError::Malformed(reason)) = e.downcast_ref::<BodyError>() {
-            return Some(reason.clone());
-        }
-        cur = e.source();
-    }
-    None
-}
-
-/// Fails a body once it has carried more than `limit` bytes of data.
-pub struct Limited<B> {
-    inner: B,
-    remaining: u64,
-    limit: u64,
-}
-
-impl<B> Limited<B> {
-    /// Wraps `inner` with a byte limit.
-    pub fn new(inner: B, limit: u64) -> Self {
-        Self {
-            inner,
-            remaining: limit,
-            limit,
-        }
-    }
-}
-
-impl<B> Body for Limited<B>
-where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(data) = f.data_ref()
-        {
-            let n = data.len() as u64;
-            if n > this.remaining {
-                this.remaining = 0;
-                return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit }.into())));
-            }
-            this.remaining -= n;
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The limit, when an error (anywhere in its source chain) is ours saying
-/// the body was too large.
-pub fn too_large_limit(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(BodyError::TooLarge { limit }) = e.downcast_ref::<BodyError>() {
-            return Some(*limit);
-        }
-        cur = e.source();
-    }
-    None
-}
-
 /// Streams `body` into an HTTP/3 send stream: DATA frames, then trailers,
 /// then FIN. On a body error the stream is reset (never finished), so the
 /// peer cannot mistake a truncated body for a complete one.
@@ -653,199 +409,12 @@ impl<S: h3::quic::SendStream<Bytes>> H3SendHalf<S> {
     }
 }
 
-/// Keeps what a request body has sent so far (up to a limit) so that a
-/// failed try can be replayed on another backend, while the body streams
-/// to the current try as it arrives (no waiting for the whole body, which
-/// would deadlock bidirectional streams such as gRPC).
-///
-/// Each try gets a [`ReplayReader`]; it first replays the recorded frames,
-/// then pulls new ones from the source, recording them. Starting a new
-/// reader retires the previous one (it fails with "superseded"), so only
-/// one task pulls from the source at a time.
-pub struct Replayable {
-    shared: std::sync::Arc<std::sync::Mutex<ReplayState>>,
-}
-
-struct ReplayState {
-    source: ProxyBody,
-    recorded: Vec<Frame<Bytes>>,
-    recorded_bytes: u64,
-    limit: u64,
-    /// Recording stopped: frames were sent that are no longer kept.
-    overflowed: bool,
-    /// The source ended (`None` seen).
-    ended: bool,
-    generation: u64,
-}
-
-/// How much of the body a replay could reproduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayStatus {
-    /// Nothing was sent yet, or everything sent is recorded.
-    Replayable,
-    /// More was sent than the limit allowed keeping.
-    Overflowed,
-}
-
-impl Replayable {
-    /// Wraps `source`, keeping at most `limit` bytes of data for replays.
-    pub fn new(source: ProxyBody, limit: u64) -> Self {
-        Self {
-            shared: std::sync::Arc::new(std::sync::Mutex::new(ReplayState {
-                source,
-                recorded: Vec::new(),
-                recorded_bytes: 0,
-                limit,
-                overflowed: false,
-                ended: false,
-                generation: 0,
-            })),
-        }
-    }
-
-    /// A body for the next try, replaying from the start.
-    pub fn reader(&self) -> ProxyBody {
-        let generation = match self.shared.lock() {
-            Ok(mut s) => {
-                s.generation += 1;
-                s.generation
-            }
-            Err(_) => u64::MAX,
-        };
-        let reader = ReplayReader {
-            shared: self.shared.clone(),
-            generation,
-            pos: 0,
-        };
-        UnsyncBoxBody::new(reader)
-    }
-
-    /// Whether a new try could get the whole body.
-    pub fn status(&self) -> ReplayStatus {
-        match self.shared.lock() {
-            Ok(s) if !s.overflowed => ReplayStatus::Replayable,
-            _ => ReplayStatus::Overflowed,
-        }
-    }
-}
-
-struct ReplayReader {
-    shared: std::sync::Arc<std::sync::Mutex<ReplayState>>,
-    generation: u64,
-    pos: usize,
-}
-
-fn clone_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
-    if let Some(d) = f.data_ref() {
-        Frame::data(d.clone())
-    } else if let Some(t) = f.trailers_ref() {
-        Frame::trailers(t.clone())
-    } else {
-        Frame::data(Bytes::new())
-    }
-}
-
-impl Body for ReplayReader {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let Ok(mut s) = this.shared.lock() else {
-            return Poll::Ready(Some(Err("request body state poisoned".into())));
-        };
-        if s.generation != this.generation {
-            return Poll::Ready(Some(Err("request body superseded by a retry".into())));
-        }
-        if this.pos < s.recorded.len() {
-            let f = clone_frame(&s.recorded[this.pos]);
-            this.pos += 1;
-            return Poll::Ready(Some(Ok(f)));
-        }
-        // Only the reader that overflowed the recording (pos == MAX) may go
-        // on; any later one would miss the unrecorded frames.
-        if s.overflowed && this.pos != usize::MAX {
-            return Poll::Ready(Some(Err("request body cannot be replayed".into())));
-        }
-        if s.ended {
-            return Poll::Ready(None);
-        }
-        let frame = ready!(Pin::new(&mut s.source).poll_frame(cx));
-        match frame {
-            None => {
-                s.ended = true;
-                Poll::Ready(None)
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(e))),
-            Some(Ok(f)) => {
-                let len = f.data_ref().map_or(0, |d| d.len() as u64);
-                if !s.overflowed && s.recorded_bytes + len <= s.limit {
-                    s.recorded_bytes += len;
-                    s.recorded.push(clone_frame(&f));
-                    this.pos = s.recorded.len();
-                } else if !s.overflowed {
-                    // From here on frames stream through unrecorded.
-                    s.overflowed = true;
-                    s.recorded.clear();
-                    this.pos = usize::MAX;
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-        }
-    }
-}
-
-/// Drops `guard` when the body ends (or is dropped): ties per-request
-/// accounting (in-flight counts) to the end of a streamed response.
-pub struct Guarded<B> {
-    inner: B,
-    guard: Option<Box<dyn Send>>,
-}
-
-impl<B> Guarded<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B, guard: Box<dyn Send>) -> Self {
-        Self {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<B> Body for Guarded<B>
-where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if frame.is_none() || this.inner.is_end_stream() {
-            this.guard = None;
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
+    use crate::body::test_support::next_data_len;
 
     /// A receive half that yields scripted DATA chunks, then optional
     /// trailers, and records the code it was stopped with. Like h3 over
@@ -959,21 +528,6 @@ mod tests {
             lent: false,
         };
         (recv, stopped)
-    }
-
-    /// The length of the next frame, which must be DATA.
-    async fn next_data_len<B>(body: &mut B) -> usize
-    where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Debug,
-    {
-        body.frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap()
-            .len()
     }
 
     const H3_REQUEST_CANCELLED: u64 = 0x010c;
@@ -1097,64 +651,5 @@ mod tests {
         let head = H3Body::new(recv, Some(100), None);
         assert!(head.collect().await.unwrap().to_bytes().is_empty());
         assert_eq!(*stopped.lock().unwrap(), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_timeout_fires_on_a_stalled_body() {
-        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let stalled = http_body_util::StreamBody::new(tokio_stream_from(rx));
-        let mut body = IdleTimeout::new(boxed(stalled), Duration::from_secs(5));
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert!(err.to_string().contains("no body data"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn limited_fails_past_the_limit() {
-        let mut body = Limited::new(full(vec![0u8; 10]), 9);
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(too_large_limit(err.as_ref()), Some(9));
-        let mut ok = Limited::new(full(vec![0u8; 10]), 10);
-        assert_eq!(next_data_len(&mut ok).await, 10);
-    }
-
-    fn tokio_stream_from(
-        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + Unpin {
-        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
-    }
-
-    fn chunks(n: usize, size: usize) -> ProxyBody {
-        let frames =
-            (0..n).map(move |i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![i as u8; size]))));
-        boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
-            frames,
-        )))
-    }
-
-    #[tokio::test]
-    async fn a_second_try_replays_what_the_first_consumed() {
-        let r = Replayable::new(chunks(4, 10), 100);
-        let mut first = r.reader();
-        let a = first.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(a, vec![0u8; 10]);
-        // First try fails; the second reads everything from the start.
-        let second = r.reader();
-        let err = first.frame().await.unwrap().unwrap_err();
-        assert!(err.to_string().contains("superseded"));
-        let all = second.collect().await.unwrap().to_bytes();
-        assert_eq!(all.len(), 40);
-        assert_eq!(&all[..10], &[0u8; 10]);
-        assert_eq!(&all[30..], &[3u8; 10]);
-        assert_eq!(r.status(), ReplayStatus::Replayable);
-    }
-
-    #[tokio::test]
-    async fn past_the_limit_it_streams_and_cannot_replay() {
-        let r = Replayable::new(chunks(4, 10), 25);
-        let all = r.reader().collect().await.unwrap().to_bytes();
-        assert_eq!(all.len(), 40, "the first try still gets every byte");
-        assert_eq!(r.status(), ReplayStatus::Overflowed);
-        let mut again = r.reader();
-        assert!(again.frame().await.unwrap().is_err());
     }
 }
