@@ -4,14 +4,25 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod packets;
 pub mod privilege;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// The tests that keep both CPUs busy for long (interop's transfers
+/// through loss, migration's 16 downloads per mode) run one at a time: on
+/// a 2-CPU machine they would otherwise compete for the CPUs and measure
+/// the scheduler. (They were once separate test binaries, which cargo runs
+/// one after the other; in the one binary this lock keeps them apart.)
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn spooky_bin() -> &'static str {
     env!("CARGO_BIN_EXE_spooky")

@@ -4,18 +4,12 @@
 //! that keeps every byte spooky sends it: an HTTP/3 → HTTP/1.1 hop is
 //! where a malformed request turns into request smuggling.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const H3_MESSAGE_ERROR: u64 = 0x010e;
 

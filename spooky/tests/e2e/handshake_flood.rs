@@ -5,16 +5,10 @@
 //! spooky's memory, and that valid clients keep being served. Figures are
 //! printed (`--nocapture`).
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use spooky::client::H3Client;
-use support::*;
 
 fn config(upstream: &str, admin: u16, limits: &str) -> String {
     format!(
@@ -328,15 +322,15 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
 /// once its schedule has caught up.
 #[test]
 fn xdp_drops_initials_beyond_a_sources_rate() {
-    if !support::privilege::require_root("xdp_drops_initials_beyond_a_sources_rate")
+    if !crate::support::privilege::require_root("xdp_drops_initials_beyond_a_sources_rate")
         || python().is_none()
     {
         return;
     }
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-    let net = support::netns::VethPair::new("irate");
+    let net = crate::support::netns::VethPair::new("irate");
     let other_ip = Ipv4Addr::new(198, 18, 0, 3);
-    support::netns::ip_in(
+    crate::support::netns::ip_in(
         &net.client_ns,
         &[
             "addr",
@@ -380,7 +374,7 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
     let hashed = || counter("long_hash_local") + counter("long_hash_redirect");
     let (hashed_before, dropped_before) = (hashed(), counter("drop_initial_rate"));
 
-    let flood = support::netns::command_in(&net.client_ns, python().unwrap())
+    let flood = crate::support::netns::command_in(&net.client_ns, python().unwrap())
         .arg(script("h3_flood.py"))
         .args(["--host", &net.server_ip.to_string(), "--port", "4433"])
         .args(["--bind", &net.client_ip.to_string()])
@@ -399,7 +393,7 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
             ..Default::default()
         };
         let url = sp.url("/");
-        support::netns::block_on_in(&net.client_ns, "valid-client", move || async move {
+        crate::support::netns::block_on_in(&net.client_ns, "valid-client", move || async move {
             let c = H3Client::connect(&url, &opts)
                 .await
                 .map_err(|e| e.to_string())?;

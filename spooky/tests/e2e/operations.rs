@@ -4,18 +4,12 @@
 //! `/metrics` against the requests sent, rate limits, per-client
 //! connection limits, QUIC Retry, and SIGTERM during long downloads.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use spooky::client::H3Client;
-use support::*;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -676,7 +670,7 @@ async fn certificates_rotate_on_reload_and_logs_can_be_json() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let (old, new) = (support::certs(), support::certs());
+    let (old, new) = (crate::support::certs(), crate::support::certs());
     let live = tempfile::tempdir().unwrap();
     let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
     std::fs::copy(&old.cert, &cert).unwrap();

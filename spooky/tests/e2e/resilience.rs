@@ -4,24 +4,18 @@
 //! (ejection and recovery times, traffic shares, breaker timings) is
 //! printed with `eprintln!` (`cargo test -- --nocapture` shows them).
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use spooky::body;
 use spooky::client::H3Client;
-use support::*;
 
 fn config(upstreams: &str, extra: &str) -> String {
     format!(

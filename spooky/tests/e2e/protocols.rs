@@ -3,19 +3,13 @@
 //! redirect, gRPC over HTTP/3 and HTTP/2 to a grpcio backend, and a
 //! browser (headless Chromium) upgrading to HTTP/3 from `alt-svc`.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::process::Command;
 
+use crate::support::*;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::BodyExt;
 use spooky::body;
-use support::*;
 
 fn config(upstreams: &str, extra: &str) -> String {
     format!(

@@ -1,20 +1,14 @@
 //! End to end through real processes and sockets: HTTP/3 clients → spooky
 //! → HTTP/3 demo backends, all on loopback.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::BodyExt;
 use spooky::body;
-use support::*;
 
 fn config(upstreams: &str, extra: &str) -> String {
     format!(

@@ -3,17 +3,11 @@
 //! first flight with `early-data: 1` to the backend, a POST in early data
 //! gets 425, and a backend's own 425 passes through.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use bytes::{Buf, Bytes};
 use http::Request;
-use support::*;
 
 /// A QUIC client config that keeps session tickets and sends early data.
 fn client_config(sp: &Spooky) -> quinn::ClientConfig {

@@ -22,24 +22,18 @@
 //! without `gtlsclient`, and the nginx test without a C toolchain, unless
 //! SPOOKY_REQUIRE_TOOLS=1.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::netns::{self, VethPair};
+use crate::support::privilege::require_root;
+use crate::support::*;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use spooky::client::{ClientOptions, H3Client};
-use support::netns::{self, VethPair};
-use support::privilege::require_root;
-use support::*;
 
 // ---------------------------------------------------------------------------
 // 1. Downloads and an upload through 10 % loss.
@@ -53,14 +47,6 @@ const LOSS_BACKEND: &str = "127.0.0.1:7443";
 const LOSS_PERCENT: u32 = 10;
 /// Longest wait for one body frame (loss recovery included).
 const STALL: Duration = Duration::from_secs(20);
-
-/// The tests that move megabytes run one at a time: on a 2-CPU machine
-/// they would otherwise compete for the CPUs with each other.
-static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// nftables rules for one namespace: count every datagram that matches
 /// `selector` on the input hook, then drop `LOSS_PERCENT` % of them at
