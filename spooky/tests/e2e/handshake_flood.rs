@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use spooky::client::H3Client;
 
-fn config(upstream: &str, admin: u16, limits: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlog: {{ access: false }}\n{limits}upstreams:\n{upstream}"
-    )
+/// Two workers, an admin listener on `admin`, no access log.
+fn config(upstream: Upstream, admin: u16) -> Config {
+    Config::new()
+        .admin(admin)
+        .access_log(false)
+        .upstream(upstream)
 }
 
 /// The flood's JSON summary.
@@ -87,17 +89,17 @@ fn assert_within_three_times(f: &Flood) {
     );
 }
 
-/// spooky (with `limits`) in front of one demo backend, with an admin
-/// listener: (spooky, backend, admin port).
-fn start(limits: &str) -> (Spooky, Proc, u16) {
+/// spooky (with `limits`, `(field, value)`) in front of one demo backend,
+/// with an admin listener: (spooky, backend, admin port).
+fn start(limits: &[(&str, u64)]) -> (Spooky, Proc, u16) {
     let certs = certs();
     let (backend, addr) = backend("a", &certs, &[]);
     let admin = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", addr)], ""),
-        admin,
-        limits,
-    ));
+    let mut cfg = config(Upstream::h3("app", &certs, &[("a", addr)]), admin);
+    for (k, v) in limits {
+        cfg = cfg.limit(k, v);
+    }
+    let sp = spooky(&cfg);
     (sp, backend, admin)
 }
 
@@ -111,7 +113,7 @@ async fn a_half_open_flood_gets_retry_memory_stays_bounded_and_clients_are_serve
         return;
     }
     // Default limits: Retry above 64 handshakes in progress per worker.
-    let (sp, _backend, admin) = start("");
+    let (sp, _backend, admin) = start(&[]);
     let warm = sp.client().await;
     assert_eq!(warm.get("/").await.unwrap().0.status(), 200);
     drop(warm);
@@ -174,8 +176,10 @@ async fn without_retry_the_server_sends_at_most_three_times_what_it_received() {
     }
     // Retry off: every handshake gets a full server flight, which the
     // anti-amplification limit must bound.
-    let (sp, _backend, _admin) =
-        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n");
+    let (sp, _backend, _admin) = start(&[
+        ("retry_threshold", 1_000_000),
+        ("max_handshakes_in_progress", 1_000_000),
+    ]);
     let rss_before = sp.proc.rss_kib();
     let f = result(flood(&sp, 2000, 4.0));
     let peak = sp.proc.peak_rss_kib();
@@ -229,19 +233,10 @@ async fn a_flight_beyond_the_budget_stops_at_three_times_and_real_clients_comple
     let certs = certs();
     let (_backend, addr) = backend("a", &certs, &[]);
     let sp = spooky(
-        &config(
-            &upstream_yaml("app", &certs, &[("a", addr)], ""),
-            free_tcp_port(),
-            "limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n",
-        )
-        .replace(
-            "workers: 2 }",
-            &format!(
-                "workers: 2, tls: {{ cert: {}, key: {} }} }}",
-                cert.display(),
-                key.display()
-            ),
-        ),
+        &config(Upstream::h3("app", &certs, &[("a", addr)]), free_tcp_port())
+            .limit("retry_threshold", 1_000_000)
+            .limit("max_handshakes_in_progress", 1_000_000)
+            .listen_tls(&cert, &key),
     );
 
     let f = result(flood(&sp, 200, 2.0));
@@ -295,8 +290,10 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
     if python().is_none() {
         return;
     }
-    let (sp, _backend, admin) =
-        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 20 }\n");
+    let (sp, _backend, admin) = start(&[
+        ("retry_threshold", 1_000_000),
+        ("max_handshakes_in_progress", 20),
+    ]);
     let f = result(flood(&sp, 400, 1.0));
     let m = scrape_with(admin, None);
     let dropped = m
@@ -346,15 +343,16 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
     let (rate, burst) = (5.0, 10.0);
     let sp = spooky_in_netns(
         &net.server_ns,
-        &format!(
-            "listen: {{ address: {}, port: PORT, workers: 2 }}\n\
-             steering: {{ mode: xdp, interfaces: [{}], initials_per_source: {{ per_second: {rate}, burst: {burst} }} }}\n\
-             log: {{ access: false }}\n\
-             upstreams:\n{}",
-            net.server_ip,
-            net.server_if,
-            upstream_yaml("app", &certs, &[("b", backend_addr)], "")
-        ),
+        &Config::new()
+            .address(net.server_ip)
+            .steering_mode("xdp")
+            .steering("interfaces", format!("[{}]", net.server_if))
+            .steering(
+                "initials_per_source",
+                format!("{{ per_second: {rate}, burst: {burst} }}"),
+            )
+            .access_log(false)
+            .upstream(Upstream::h3("app", &certs, &[("b", backend_addr)])),
         4433,
         &[],
     );

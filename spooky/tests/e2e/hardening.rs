@@ -201,12 +201,16 @@ fn send_raw_with(sp: &Spooky, fields: &[(&str, &str)], data: &[&str], how: Send)
     serde_yaml::from_str(line).unwrap_or_else(|e| panic!("bad outcome line {line:?}: {e}"))
 }
 
+/// The recorder as an HTTP/1.1 cleartext upstream.
+fn recorded(recorder: &Recorder) -> Upstream {
+    Upstream::new("recorded")
+        .protocol("http1")
+        .backend("rec", recorder.addr)
+}
+
 /// spooky in front of the recorder, over HTTP/1.1 cleartext.
 fn spooky_before(recorder: &Recorder) -> Spooky {
-    let up = upstream_block("recorded", "http1", None, &[("rec", recorder.addr)], "");
-    spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    ))
+    spooky(&Config::new().workers(1).upstream(recorded(recorder)))
 }
 
 /// A recording HTTP/1.1 backend, spooky in front of it and the
@@ -583,10 +587,11 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
     }
     let certs = certs();
     let (_backend, addr) = backend("sink", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("sink", addr)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    ));
+    let sp = spooky(&Config::new().workers(1).upstream(Upstream::h3(
+        "demo",
+        &certs,
+        &[("sink", addr)],
+    )));
     let authority = format!("localhost:{}", sp.port);
     let declaring =
         |n: &'static str| pseudo_with("POST", &authority, "/sink", &[("content-length", n)]);
@@ -837,10 +842,13 @@ struct AttackOutcome {
 /// metrics) and a short header timeout.
 fn hostile_spooky(recorder: &Recorder) -> (Spooky, u16) {
     let admin = free_tcp_port();
-    let up = upstream_block("recorded", "http1", None, &[("rec", recorder.addr)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlimits: {{ request_header_timeout_ms: 1500 }}\nupstreams:\n{up}"
-    ));
+    let sp = spooky(
+        &Config::new()
+            .workers(1)
+            .admin(admin)
+            .limit("request_header_timeout_ms", 1500)
+            .upstream(recorded(recorder)),
+    );
     (sp, admin)
 }
 

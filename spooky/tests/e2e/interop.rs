@@ -128,13 +128,10 @@ fn downloads_and_upload_through_ten_percent_loss_are_byte_identical() {
     let certs = certs();
     let backend_addr: SocketAddr = LOSS_BACKEND.parse().unwrap();
     let _backend = backend_in_netns(&net.server_ns, "lossy", &certs, backend_addr, &[]);
-    let config = format!(
-        "listen: {{ address: {}, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{}",
-        net.server_ip,
-        upstream_yaml("demo", &certs, &[("lossy", backend_addr)], "")
-    );
+    let config = Config::new()
+        .address(net.server_ip)
+        .workers(1)
+        .upstream(Upstream::h3("demo", &certs, &[("lossy", backend_addr)]));
     let mut sp = spooky_in_netns(&net.server_ns, &config, LOSS_SPOOKY_PORT, &[]);
 
     // Requests lose 10 % on their way into the server namespace, responses
@@ -331,13 +328,11 @@ fn access_lines(sp: &Spooky, path: &str) -> Vec<String> {
 #[tokio::test]
 async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     let raw = raw_backend();
-    let up = upstream_block("raw", "http1", None, &[("raw-h1", raw.addr)], "");
+    let up = Upstream::new("raw")
+        .protocol("http1")
+        .backend("raw-h1", raw.addr);
     let sp = spooky_with(
-        &format!(
-            "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-             steering: {{ mode: reuseport }}\n\
-             upstreams:\n{up}"
-        ),
+        &Config::new().workers(1).upstream(up),
         // The upstream's debug line carries the reason of each failed try.
         &[(
             "RUST_LOG",
@@ -519,12 +514,11 @@ fn gtlsclient(sp: &Spooky, extra: &[&str], paths: &[&str]) -> Gtls {
 fn spooky_for_gtls() -> (Spooky, Proc, Certs) {
     let certs = certs();
     let (b, a) = backend("ng", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("ng", a)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{up}"
-    ));
+    let sp = spooky(
+        &Config::new()
+            .workers(1)
+            .upstream(Upstream::h3("demo", &certs, &[("ng", a)])),
+    );
     (sp, b, certs)
 }
 
@@ -867,13 +861,11 @@ impl Nginx {
 /// `http3` block (none: the defaults).
 fn spooky_before_nginx(certs: &Certs, nginx: &Nginx, http3: Option<&str>) -> Spooky {
     let addr: SocketAddr = format!("127.0.0.1:{}", nginx.port).parse().unwrap();
-    let extra = http3.map(|h| format!("http3: {h}")).unwrap_or_default();
-    let up = upstream_yaml("ng", certs, &[("nginx", addr)], &extra);
-    spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{up}"
-    ))
+    let mut up = Upstream::h3("ng", certs, &[("nginx", addr)]);
+    if let Some(h) = http3 {
+        up = up.field("http3", h);
+    }
+    spooky(&Config::new().workers(1).upstream(up))
 }
 
 /// A file of `n` bytes that are not a repeating pattern.

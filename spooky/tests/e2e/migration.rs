@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::support::netns::{self, VethPair};
 use crate::support::privilege::require_root;
 use crate::support::{
-    Spooky, assert_pattern_at, backend_in_netns, certs, spooky_in_netns, upstream_yaml,
+    Config, Spooky, Upstream, assert_pattern_at, backend_in_netns, certs, spooky_in_netns,
 };
 use http::Request;
 use http_body_util::BodyExt;
@@ -184,20 +184,16 @@ fn run_mode(mode: &'static str) -> Option<ModeRun> {
     let backend_addr: SocketAddr = BACKEND.parse().unwrap();
     let _backend = backend_in_netns(&net.server_ns, "b1", &certs, backend_addr, &[]);
 
-    let steering = if mode == "xdp" {
-        format!("{{ mode: xdp, interfaces: [{}] }}", net.server_if)
-    } else {
-        format!("{{ mode: {mode} }}")
-    };
-    let config = format!(
-        "listen: {{ address: {}, port: PORT, workers: 2, drain_timeout_ms: 1000 }}\n\
-         steering: {steering}\n\
-         timeouts: {{ idle_ms: {IDLE_MS} }}\n\
-         upstreams:\n{}\
-         routes:\n  - upstream: demo\n",
-        net.server_ip,
-        upstream_yaml("demo", &certs, &[("b1", backend_addr)], "")
-    );
+    let mut config = Config::new()
+        .address(net.server_ip)
+        .drain_timeout_ms(1000)
+        .steering_mode(mode)
+        .timeout("idle_ms", IDLE_MS)
+        .upstream(Upstream::h3("demo", &certs, &[("b1", backend_addr)]))
+        .route("demo");
+    if mode == "xdp" {
+        config = config.steering("interfaces", format!("[{}]", net.server_if));
+    }
     let mut sp = spooky_in_netns(&net.server_ns, &config, SPOOKY_PORT, &[]);
     let ready = sp
         .proc
@@ -491,13 +487,12 @@ async fn a_migrated_path_gets_at_most_three_times_before_validation() {
     use std::sync::atomic::Ordering::Relaxed;
     let certs = certs();
     let (_backend, backend_addr) = crate::support::backend("b1", &certs, &[]);
-    let sp = crate::support::spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         log: {{ access: false }}\n\
-         upstreams:\n{}",
-        upstream_yaml("demo", &certs, &[("b1", backend_addr)], "")
-    ));
+    let sp = crate::support::spooky(
+        &Config::new()
+            .workers(1)
+            .access_log(false)
+            .upstream(Upstream::h3("demo", &certs, &[("b1", backend_addr)])),
+    );
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let old_path = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let new_path = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -110,18 +110,17 @@ async fn first_then_resumed(sp: &Spooky) -> (bool, Sender, Option<quinn::ZeroRtt
     (early, sender, accepted)
 }
 
-fn config(up: &str, listen_extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1{listen_extra} }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    )
+/// One worker in front of `up`.
+fn config(up: Upstream) -> Config {
+    Config::new().workers(1).upstream(up)
 }
 
 #[tokio::test]
 async fn early_data_serves_safe_methods_and_refuses_the_rest() {
     let certs = certs();
     let (_b, addr) = backend("a", &certs, &[]);
-    let up = upstream_yaml("app", &certs, &[("a", addr)], "");
-    let sp = spooky(&config(&up, ", early_data: true"));
+    let up = Upstream::h3("app", &certs, &[("a", addr)]);
+    let sp = spooky(&config(up).listen("early_data", true));
     let (early, mut sender, accepted) = first_then_resumed(&sp).await;
     assert!(early, "the client had a ticket and started in 0-RTT");
     // All three leave in the first flight, before the handshake
@@ -156,8 +155,8 @@ async fn early_data_serves_safe_methods_and_refuses_the_rest() {
 async fn early_data_is_off_by_default() {
     let certs = certs();
     let (_b, addr) = backend("a", &certs, &[]);
-    let up = upstream_yaml("app", &certs, &[("a", addr)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("app", &certs, &[("a", addr)]);
+    let sp = spooky(&config(up));
     let (early, mut sender, accepted) = first_then_resumed(&sp).await;
     // Without early data on the server, its tickets do not allow 0-RTT.
     if early {

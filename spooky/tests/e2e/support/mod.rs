@@ -3,9 +3,12 @@
 //! to read a process's memory.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod netns;
 pub mod packets;
 pub mod privilege;
+
+pub use config::{Config, Upstream, Yaml};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -51,6 +54,13 @@ impl Output {
     }
     pub fn contains(&self, needle: &str) -> bool {
         self.lines().iter().any(|l| l.contains(needle))
+    }
+    /// The lines that contain every one of `needles`.
+    pub fn matching(&self, needles: &[&str]) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .collect()
     }
     fn wait_for(&self, needle: &str, timeout: Duration, child: &mut Child, name: &str) {
         let deadline = Instant::now() + timeout;
@@ -236,26 +246,29 @@ impl Spooky {
     }
 }
 
-/// Writes `config` (with `PORT` replaced by a free port) and starts
-/// spooky; returns once every worker listens.
-pub fn spooky(config: &str) -> Spooky {
+/// Writes `config` (a [`Config`], or raw YAML; `PORT` replaced by a free
+/// port) and starts spooky; returns once every worker listens.
+pub fn spooky(config: &(impl Yaml + ?Sized)) -> Spooky {
     spooky_with(config, &[])
 }
 
-pub fn spooky_with(config: &str, env: &[(&str, &str)]) -> Spooky {
+pub fn spooky_with(config: &(impl Yaml + ?Sized), env: &[(&str, &str)]) -> Spooky {
     start_spooky(Command::new(spooky_bin()), config, free_udp_port(), env)
 }
 
 /// Writes `config` (with `PORT` replaced by `port`) next to a state dir and
 /// runs `spooky run` on it through `cmd`, waiting until every worker
 /// listens.
-fn start_spooky(mut cmd: Command, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
+fn start_spooky(
+    mut cmd: Command,
+    config: &(impl Yaml + ?Sized),
+    port: u16,
+    env: &[(&str, &str)],
+) -> Spooky {
     let dir = tempfile::tempdir().unwrap();
-    let config = config.replace("PORT", &port.to_string());
-    let path = dir.path().join("spooky.yaml");
-    std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
+    write_config(dir.path(), config, port);
     cmd.args(["run", "-c"])
-        .arg(&path)
+        .arg(dir.path().join("spooky.yaml"))
         .env("RUST_LOG", "info,spooky::access=debug");
     for (k, v) in env {
         cmd.env(k, v);
@@ -264,24 +277,22 @@ fn start_spooky(mut cmd: Command, config: &str, port: u16, env: &[(&str, &str)])
     Spooky { proc, dir, port }
 }
 
-/// The upstream block for `backends` (id, addr) trusting `certs`.
-pub fn upstream_yaml(
-    name: &str,
-    certs: &Certs,
-    backends: &[(&str, SocketAddr)],
-    extra: &str,
-) -> String {
-    let mut s = format!(
-        "  {name}:\n    tls: {{ ca: {}, sni: localhost }}\n    backends:\n",
-        certs.cert.display()
-    );
-    for (id, addr) in backends {
-        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
+/// Writes `dir/spooky.yaml` from `config` with `PORT` replaced by `port`
+/// and the state directory `dir/state`.
+fn write_config(dir: &Path, config: &(impl Yaml + ?Sized), port: u16) {
+    let config = config.yaml().replace("PORT", &port.to_string());
+    std::fs::write(
+        dir.join("spooky.yaml"),
+        format!("state_dir: state\n{config}"),
+    )
+    .unwrap();
+}
+
+impl Spooky {
+    /// Replaces the running config file (for a reload to pick up).
+    pub fn rewrite_config(&self, config: &(impl Yaml + ?Sized)) {
+        write_config(self.dir.path(), config, self.port);
     }
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {line}\n"));
-    }
-    s
 }
 
 /// Python with aioquic (set up by `cargo xtask test`), or `None` with the
@@ -327,33 +338,6 @@ pub fn assert_pattern_at(offset: u64, data: &[u8]) {
         }
         pos += n;
     }
-}
-
-/// An upstream block for any protocol: `protocol` is `http3`, `http2` or
-/// `http1`; `tls` trusts `certs` (HTTP/3 needs it; HTTP/1.1 and HTTP/2
-/// without it speak cleartext).
-pub fn upstream_block(
-    name: &str,
-    protocol: &str,
-    tls: Option<&Certs>,
-    backends: &[(&str, SocketAddr)],
-    extra: &str,
-) -> String {
-    let mut s = format!("  {name}:\n    protocol: {protocol}\n");
-    if let Some(c) = tls {
-        s.push_str(&format!(
-            "    tls: {{ ca: {}, sni: localhost }}\n",
-            c.cert.display()
-        ));
-    }
-    s.push_str("    backends:\n");
-    for (id, addr) in backends {
-        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
-    }
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {line}\n"));
-    }
-    s
 }
 
 /// Starts a helper script with the test venv's Python and waits for
@@ -402,7 +386,12 @@ pub fn backend_in_netns(
 /// inside network namespace `netns`; returns once every worker listens.
 /// (The returned `Spooky`'s `url`/`addr`/`client_options` name loopback:
 /// build the client's options from the namespace's addresses instead.)
-pub fn spooky_in_netns(netns: &str, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
+pub fn spooky_in_netns(
+    netns: &str,
+    config: &(impl Yaml + ?Sized),
+    port: u16,
+    env: &[(&str, &str)],
+) -> Spooky {
     start_spooky(netns::command_in(netns, spooky_bin()), config, port, env)
 }
 
