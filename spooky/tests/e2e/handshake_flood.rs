@@ -117,7 +117,12 @@ async fn a_half_open_flood_gets_retry_memory_stays_bounded_and_clients_are_serve
     let warm = sp.client().await;
     assert_eq!(warm.get("/").await.unwrap().0.status(), 200);
     drop(warm);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_async(
+        "the warm-up connection closed",
+        Duration::from_secs(10),
+        || metric_holds(admin, None, "spooky_quic_connections", |v| v == 0.0),
+    )
+    .await;
     let rss_before = sp.proc.rss_kib();
 
     let child = flood(&sp, 2000, 3.0);

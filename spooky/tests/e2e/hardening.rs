@@ -610,15 +610,13 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
     let got = send_raw(&sp, &declaring("5"), &["hello"]);
     assert_eq!(got.status, Some(200), "{got:?}");
     assert!(got.body.starts_with("received 5 bytes"), "{got:?}");
-    // Access-log lines are written when the response body ends.
-    std::thread::sleep(Duration::from_millis(100));
-    let sinks: Vec<String> = sp
-        .proc
-        .out
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("spooky::access") && l.contains("path=/sink"))
-        .collect();
+    // Access-log lines are written when the response body ends: one per
+    // request sent above.
+    let sinks = wait_until(
+        "an access-log line for each of the 4 requests to /sink",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access", "path=/sink"], 4),
+    );
     assert_eq!(sinks.len(), 4, "{sinks:#?}");
     let ok = sinks.iter().filter(|l| l.contains("status=200")).count();
     assert_eq!(ok, 1, "only the exact body may complete: {sinks:#?}");

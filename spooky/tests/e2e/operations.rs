@@ -30,21 +30,14 @@ fn who(resp: &http::Response<()>) -> String {
     resp.headers()["x-backend-id"].to_str().unwrap().to_owned()
 }
 
-fn count_lines(sp: &Spooky, needle: &str) -> usize {
-    sp.proc
-        .out
-        .lines()
-        .iter()
-        .filter(|l| l.contains(needle))
-        .count()
-}
-
+/// Blocks (the runtime too, as a pause in the load) until `needle` is in
+/// `n` lines of spooky's log.
 fn wait_for_lines(sp: &Spooky, needle: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_lines(sp, needle) < n {
-        assert!(Instant::now() < deadline, "no {n}× `{needle}` in the log");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        &format!("{n}× `{needle}` in the log"),
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &[needle], n),
+    );
 }
 
 #[tokio::test]
@@ -369,16 +362,15 @@ async fn metrics_count_the_requests_sent() {
     }
     // The duration histogram is recorded when a body ends, just after the
     // client has read it: poll briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let m = loop {
-        let m = scrape(admin_port);
-        if metric(&m, "spooky_request_duration_seconds_count{route=\"api\"}") >= 20.0
-            || Instant::now() > deadline
-        {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let m = wait_until_async("20 durations recorded", Duration::from_secs(5), || {
+        metric_holds(
+            admin_port,
+            Some(TOKEN),
+            "spooky_request_duration_seconds_count{route=\"api\"}",
+            |v| v >= 20.0,
+        )
+    })
+    .await;
     assert_eq!(metric(&m, "spooky_requests_total{protocol=\"h3\"}"), 25.0);
     assert_eq!(
         metric(
@@ -575,7 +567,16 @@ async fn per_client_limits_and_retry() {
     // (one of the two connection slots is freed for it).
     let Some(py) = python() else { return };
     drop(c3);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "c3's connection closed (c1's left)",
+        Duration::from_secs(10),
+        || {
+            metric_holds(admin_port, Some(TOKEN), "spooky_quic_connections", |v| {
+                v <= 1.0
+            })
+        },
+    )
+    .await;
     let out = std::process::Command::new(py)
         .arg(script("h3_get.py"))
         .args(["--ca", &sp.cert().display().to_string()])
@@ -608,7 +609,12 @@ async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
             (size, Instant::now())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "the three downloads in progress",
+        Duration::from_secs(10),
+        || metric_holds(admin_port, Some(TOKEN), "spooky_quic_streams", |v| v >= 3.0),
+    )
+    .await;
     let pid = sp.proc.pid();
     let sent = Instant::now();
     std::process::Command::new("kill")

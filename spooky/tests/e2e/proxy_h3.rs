@@ -202,12 +202,14 @@ async fn forwarding_headers_and_request_id() {
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 32);
     assert!(String::from_utf8_lossy(&text).contains(&format!("x-request-id: {id}\n")));
-    // ... and logs it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        sp.proc.out.contains(&id),
-        "request id not in the access log"
-    );
+    // ... and logs it (when the response body has ended, just after the
+    // client read it).
+    wait_until_async(
+        "the request id in the access log",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access", &id], 1),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -575,8 +577,15 @@ fn a_malformed_request_ends_only_its_stream() {
         &["200 14 bytes hello from mf", "200 14 bytes hello from mf"],
         "{stdout}"
     );
-    // ...and the malformed one never became a request.
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // ...and the malformed one never became a request: once the two
+    // served requests are logged, a third line (there must be none) gets
+    // the grace period a line written late needs.
+    wait_until(
+        "access-log lines for the two served requests",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access"], 2),
+    );
+    std::thread::sleep(Duration::from_millis(100));
     let served = sp
         .proc
         .out

@@ -284,9 +284,20 @@ async fn killed_backend_is_ejected_and_recovers_without_failed_requests() {
     let out = sp.proc.out.clone();
     let load = Load::endless(&clients(&sp, 3).await, 8, "/");
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let warm = load.tally.lock().unwrap().by_backend.clone();
-    assert!(warm.get("b2").copied().unwrap_or(0) > 20, "{warm:?}");
+    // Warm: b2 has its share of the load.
+    wait_until_async(
+        "more than 20 responses from b2",
+        Duration::from_secs(10),
+        || {
+            let warm = load.tally.lock().unwrap().by_backend.clone();
+            if warm.get("b2").copied().unwrap_or(0) > 20 {
+                Ok(())
+            } else {
+                Err(format!("{warm:?}"))
+            }
+        },
+    )
+    .await;
 
     // Kill b2 (SIGKILL: no CONNECTION_CLOSE, its QUIC connections just
     // go silent).
@@ -777,8 +788,11 @@ async fn circuit_breaker_opens_half_opens_and_limits_concurrency() {
     const OPEN_MS: u64 = 800;
     let certs = certs();
     let (_b, a) = backend("cb", &certs, &[]);
+    // The admin listener's metrics show when requests are in flight.
+    let admin_port = free_tcp_port();
     let sp = start(
         &Config::new()
+            .admin(admin_port)
             .upstream(
                 Upstream::h3("flaky", &certs, &[("cb", a)])
                     .field(
@@ -841,7 +855,15 @@ async fn circuit_breaker_opens_half_opens_and_limits_concurrency() {
     tokio::time::sleep(Duration::from_millis(OPEN_MS + 50)).await;
     let c2 = c.clone();
     let trial = tokio::spawn(async move { must_get(&c2, "/delay/400", &[]).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_until_async("the trial at the backend", Duration::from_secs(5), || {
+        metric_holds(
+            admin_port,
+            None,
+            "spooky_backend_in_flight{backend=\"cb\",upstream=\"flaky\"}",
+            |v| v >= 1.0,
+        )
+    })
+    .await;
     let second = must_get(&c, "/", &[]).await;
     assert_eq!(second.status, 503, "{}", second.text());
     assert!(
@@ -877,7 +899,19 @@ async fn circuit_breaker_opens_half_opens_and_limits_concurrency() {
             must_get(&c, "/delay/1000", &[("x-up", "limited")]).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "two slow requests at the backend",
+        Duration::from_secs(5),
+        || {
+            metric_holds(
+                admin_port,
+                None,
+                "spooky_backend_in_flight{backend=\"cb\",upstream=\"limited\"}",
+                |v| v >= 2.0,
+            )
+        },
+    )
+    .await;
     let t = Instant::now();
     let r = must_get(&c, "/", &lim).await;
     let limit_ms = t.elapsed().as_secs_f64() * 1000.0;

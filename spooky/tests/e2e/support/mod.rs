@@ -7,8 +7,10 @@ pub mod config;
 pub mod netns;
 pub mod packets;
 pub mod privilege;
+pub mod wait;
 
 pub use config::{Config, Upstream, Yaml};
+pub use wait::{lines_with, metric_holds, wait_until, wait_until_async};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
