@@ -353,16 +353,38 @@ pub fn python_proc(name: &str, script_name: &str, args: &[&str], ready: &str) ->
 /// Whether an external tool is installed; with SPOOKY_REQUIRE_TOOLS=1 (set
 /// by `.ci/run`, which installs everything) a missing tool fails the test.
 pub fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found = tool_installed(tool);
     if !found {
         let required = std::env::var("SPOOKY_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
         assert!(!required, "{tool} is not installed (.ci/run installs it)");
         eprintln!("SKIP: {tool} is not installed");
     }
     found
+}
+
+/// Whether `tool` is on the PATH (no skip message, no CI rule: for the
+/// benches, which report missing tools themselves).
+pub fn tool_installed(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Makes the child of `cmd` get SIGKILL when the thread that spawns it
+/// dies, so a test or bench killed outright leaves no process behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec. PDEATHSIG survives the exec (nsenter's, then spooky's).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Starts a demo backend inside network namespace `netns`, listening on
@@ -402,17 +424,7 @@ pub fn spooky_in_netns(
 /// process killed outright leaves no proxy running in a namespace (the
 /// next run then removes the namespace's name, see `netns`).
 fn spawn_and_wait(mut cmd: Command, name: &str, ready: &str) -> Proc {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-    // and exec. PDEATHSIG survives the exec (nsenter's, then spooky's).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
