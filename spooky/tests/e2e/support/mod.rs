@@ -1,6 +1,8 @@
 //! Shared end-to-end test harness: real processes (spooky and demo
 //! backends from the built binary), real sockets on loopback, and helpers
-//! to read a process's memory.
+//! to read a process's memory; the config builder (`config`) and polling
+//! with deadlines (`wait`). The benches include it too (`#[path]`), so
+//! nothing here may assume it runs under the test harness.
 #![allow(dead_code)]
 
 pub mod config;
