@@ -2,7 +2,7 @@
 /*
  * Constants shared with userspace. Every value here mirrors one in
  * spooky-common (src/maps.rs and src/cid.rs); spooky's test suite
- * (spooky/tests/xdp_fixtures.rs) parses this file and fails when the two
+ * (spooky/tests/e2e/xdp_fixtures.rs) parses this file and fails when the two
  * drift apart, so change both sides together. The SPOOKY_CTR_* list is
  * the xdp_counters! list of spooky-common/src/maps.rs, and its test
  * c_counters_match fails on any name or value that is not there, or

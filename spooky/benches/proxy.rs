@@ -58,9 +58,14 @@
 
 #[path = "proxy/report.rs"]
 mod report;
+// The end-to-end tests' harness: config builder, ports, /proc readers,
+// polling. The bench uses a few of its items (and none of its re-exports).
+#[allow(unused_imports)]
+#[path = "../tests/e2e/support/mod.rs"]
+mod support;
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
@@ -77,6 +82,7 @@ use spooky::body::{BoxError, ProxyBody};
 use spooky::client::{ClientOptions, H3Client};
 
 use report::Table;
+use support::{Config, Upstream};
 
 // ---------------------------------------------------------------------------
 // Options
@@ -215,15 +221,7 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
-        // SAFETY: prctl is async-signal-safe; the closure touches no
-        // memory of the parent.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        support::die_with_parent(cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
@@ -256,22 +254,12 @@ impl Proc {
         cpu_seconds(self.pid())
     }
 
-    fn status_kib(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
+        support::proc_status_kib(self.pid(), "VmRSS:")
     }
 
     fn peak_rss_kib(&self) -> u64 {
-        self.status_kib("VmHWM:")
+        support::proc_status_kib(self.pid(), "VmHWM:")
     }
 
     /// Resets VmHWM to the current RSS (Linux ≥ 4.0, own processes).
@@ -302,56 +290,37 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / hz
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A port free for both UDP and TCP on loopback.
-fn free_port() -> Result<u16> {
-    for _ in 0..1000 {
-        let s = UdpSocket::bind("127.0.0.1:0")?;
-        let port = s.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port")
-}
-
+/// Waits until `p` accepts TCP connections on `port` (or exits).
 fn wait_tcp(p: &mut Proc, port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        p.alive()?;
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+    wait_ready(p, &format!("listening on TCP {port}"), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}
+
+/// Waits (20 s at most) until `ready` holds or `p` exits.
+fn wait_ready(p: &mut Proc, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let mut exited = None;
+    let polled = support::wait::poll_until(Duration::from_secs(20), || {
+        if let Err(e) = p.alive() {
+            exited = Some(e);
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if ready() { Ok(()) } else { Err(String::new()) }
+    });
+    if let Some(e) = exited {
+        return Err(e);
     }
-    bail!("{} does not listen on {port}:\n{}", p.name, p.log_tail())
+    if polled.is_err() {
+        bail!("{} not {what} within 20 s:\n{}", p.name, p.log_tail());
+    }
+    Ok(())
 }
 
-/// The built spooky binary: next to this bench's `deps` directory
-/// (`target/release/spooky`), or `SPOOKY_BIN`.
-fn spooky_bin() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("SPOOKY_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("bench executable has no target directory")?;
-    let bin = profile_dir.join("spooky");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p spooky`, which `cargo xtask bench` does)",
-            bin.display()
-        );
-    }
-    Ok(bin)
+/// The spooky binary: `SPOOKY_BIN`, or the one cargo built for this
+/// bench (`target/release/spooky` under `cargo bench`).
+fn spooky_bin() -> PathBuf {
+    std::env::var_os("SPOOKY_BIN")
+        .map_or_else(|| PathBuf::from(support::spooky_bin()), PathBuf::from)
 }
 
 /// Everything one run shares: a temp directory, the binary, one TLS
@@ -375,7 +344,7 @@ impl Env {
         let dir = tempfile::Builder::new().prefix("spooky-bench-").tempdir()?;
         let (cert, key, _) = spooky::tls::ensure_self_signed(&dir.path().join("tls"))?;
         Ok(Env {
-            spooky: spooky_bin()?,
+            spooky: spooky_bin(),
             dir,
             cert,
             key,
@@ -399,7 +368,7 @@ impl Env {
     /// nginx as the backend: one process (`master_process off`), so
     /// SIGKILL leaves no worker behind.
     fn nginx(&self) -> Result<(Proc, u16)> {
-        let port = free_port()?;
+        let port = support::free_udp_port();
         let dir = self.path("nginx");
         std::fs::create_dir_all(&dir)?;
         let d = dir.display();
@@ -431,7 +400,7 @@ impl Env {
 
     /// spooky's demo backend (`/bytes/N`, `/sink`, ...).
     fn demo_backend(&self, protocol: &str) -> Result<(Proc, u16)> {
-        let port = free_port()?;
+        let port = support::free_udp_port();
         let mut p = Proc::spawn(
             &format!("demo-backend {protocol}"),
             Command::new(&self.spooky)
@@ -446,20 +415,12 @@ impl Env {
             self.path(&format!("demo-{protocol}-{port}.log")),
         )?;
         if protocol == "http3" {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                p.alive()?;
-                if std::fs::read_to_string(&p.log)
+            let log = p.log.clone();
+            wait_ready(&mut p, "ready", || {
+                std::fs::read_to_string(&log)
                     .unwrap_or_default()
                     .contains("listening on")
-                {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("demo backend not ready:\n{}", p.log_tail());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            })?;
         } else {
             wait_tcp(&mut p, port)?;
         }
@@ -468,27 +429,30 @@ impl Env {
 
     /// spooky in front of `backend` (HTTP/1.1, cleartext).
     fn spooky(&self, backend: u16) -> Result<(Proc, u16)> {
-        let port = free_port()?;
+        let port = support::free_udp_port();
         let dir = self.path(&format!("spooky-{port}"));
         std::fs::create_dir_all(&dir)?;
+        let mut up = Upstream::new("backend")
+            .protocol("http1")
+            .backend("b1", format!("127.0.0.1:{backend}"))
+            .field("balancing", "{ type: round_robin }");
+        if !self.default_pools {
+            up = up.field(
+                "pool",
+                format!("{{ max_connections_per_backend: {POOL_IDLE} }}"),
+            );
+        }
+        let config = Config::new()
+            .port(port)
+            .listen("tcp", true)
+            .listen_tls(&self.cert, &self.key)
+            .upstream(up)
+            .route("backend")
+            .log("level", "warn");
         let conf = format!(
-            "state_dir: {state}\n\
-             listen:\n  address: \"127.0.0.1\"\n  port: {port}\n  workers: 2\n  tcp: true\n\
-             \x20 tls: {{ cert: {cert}, key: {key} }}\n\
-             upstreams:\n  backend:\n    protocol: http1\n\
-             \x20   backends: [{{ id: b1, address: \"127.0.0.1:{backend}\" }}]\n\
-             \x20   balancing: {{ type: round_robin }}\n{pool}\
-             routes:\n  - upstream: backend\n\
-             steering: {{ mode: reuseport }}\n\
-             log: {{ level: warn }}\n",
-            state = dir.join("state").display(),
-            cert = self.cert.display(),
-            key = self.key.display(),
-            pool = if self.default_pools {
-                String::new()
-            } else {
-                format!("    pool: {{ max_connections_per_backend: {POOL_IDLE} }}\n")
-            },
+            "state_dir: {}\n{}",
+            dir.join("state").display(),
+            config.render()
         );
         let conf_path = dir.join("spooky.yaml");
         std::fs::write(&conf_path, conf)?;
@@ -507,7 +471,7 @@ impl Env {
     /// Caddy 2 in front of `backend`: `reverse_proxy`, HTTP/1.1, HTTP/2 and
     /// HTTP/3 with the same certificate, admin API off, no redirects.
     fn caddy(&self, backend: u16) -> Result<(Proc, u16)> {
-        let port = free_port()?;
+        let port = support::free_udp_port();
         let dir = self.path(&format!("caddy-{port}"));
         std::fs::create_dir_all(&dir)?;
         let conf = format!(
@@ -1468,7 +1432,7 @@ fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
         )
     })?;
 
-    if have("oha") {
+    if support::tool_installed("oha") {
         let scen = format!("h3 small GETs (oha), {} conns", o.conns * o.streams);
         fresh_rounds(env, o, table, &scen, nginx_port, np, |p, port, backend| {
             oha_load(
@@ -1500,7 +1464,7 @@ fn section_h3(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
 }
 
 fn section_h2(env: &Env, o: &Opts, table: &mut Table) -> Result<()> {
-    if !have("h2load") {
+    if !support::tool_installed("h2load") {
         println!("\nSKIP h2: h2load is not installed (apt-get install nghttp2-client)");
         return Ok(());
     }
@@ -1790,7 +1754,7 @@ fn run(args: &[String]) -> Result<()> {
     let o = Opts::parse(args)?;
     let mut missing = Vec::new();
     for tool in ["caddy", "nginx"] {
-        if !have(tool) {
+        if !support::tool_installed(tool) {
             missing.push(tool);
         }
     }

@@ -16,7 +16,7 @@
 // does; the workspace denies it only for runtime code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/support/packets.rs"]
+#[path = "../tests/e2e/support/packets.rs"]
 mod packets;
 
 use packets::*;

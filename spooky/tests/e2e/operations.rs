@@ -4,26 +4,22 @@
 //! `/metrics` against the requests sent, rate limits, per-client
 //! connection limits, QUIC Retry, and SIGTERM during long downloads.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use spooky::client::H3Client;
-use support::*;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// A config with an admin listener (token-protected) on `admin`.
-fn config(upstreams: &str, admin: u16, extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2, drain_timeout_ms: 20000 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\", token: {TOKEN} }}\nlog: {{ access: false }}\nupstreams:\n{upstreams}{extra}"
-    )
+fn config(upstream: Upstream, admin: u16) -> Config {
+    Config::new()
+        .drain_timeout_ms(20000)
+        .admin_with_token(admin, TOKEN)
+        .access_log(false)
+        .upstream(upstream)
 }
 
 fn scrape(port: u16) -> HashMap<String, f64> {
@@ -34,31 +30,14 @@ fn who(resp: &http::Response<()>) -> String {
     resp.headers()["x-backend-id"].to_str().unwrap().to_owned()
 }
 
-/// Rewrites the running config file (the test's `spooky.yaml`).
-fn rewrite(sp: &Spooky, config: &str) {
-    let text = config.replace("PORT", &sp.port.to_string());
-    std::fs::write(
-        sp.dir.path().join("spooky.yaml"),
-        format!("state_dir: state\n{text}"),
-    )
-    .unwrap();
-}
-
-fn count_lines(sp: &Spooky, needle: &str) -> usize {
-    sp.proc
-        .out
-        .lines()
-        .iter()
-        .filter(|l| l.contains(needle))
-        .count()
-}
-
+/// Blocks (the runtime too, as a pause in the load) until `needle` is in
+/// `n` lines of spooky's log.
 fn wait_for_lines(sp: &Spooky, needle: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_lines(sp, needle) < n {
-        assert!(Instant::now() < deadline, "no {n}× `{needle}` in the log");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        &format!("{n}× `{needle}` in the log"),
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &[needle], n),
+    );
 }
 
 #[tokio::test]
@@ -69,9 +48,8 @@ async fn reload_under_load_moves_traffic_without_failures() {
     let (_n1, n1) = backend("new-1", &certs, &[]);
     let admin_port = free_tcp_port();
     let before = config(
-        &upstream_yaml("app", &certs, &[("old-1", o1), ("old-2", o2)], ""),
+        Upstream::h3("app", &certs, &[("old-1", o1), ("old-2", o2)]),
         admin_port,
-        "",
     );
     let sp = spooky(&before);
 
@@ -106,14 +84,10 @@ async fn reload_under_load_moves_traffic_without_failures() {
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // Same upstream, one new backend instead of the two old ones.
-    rewrite(
-        &sp,
-        &config(
-            &upstream_yaml("app", &certs, &[("new-1", n1)], ""),
-            admin_port,
-            "",
-        ),
-    );
+    sp.rewrite_config(&config(
+        Upstream::h3("app", &certs, &[("new-1", n1)]),
+        admin_port,
+    ));
     let sent = Instant::now();
     std::process::Command::new("kill")
         .args(["-HUP", &sp.proc.pid().to_string()])
@@ -162,11 +136,7 @@ async fn invalid_reload_keeps_serving_the_old_config() {
     let (_a, a) = backend("a", &certs, &[]);
     let (_b, b) = backend("b", &certs, &[]);
     let admin_port = free_tcp_port();
-    let good = config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "",
-    );
+    let good = config(Upstream::h3("app", &certs, &[("a", a)]), admin_port);
     let sp = spooky(&good);
     let client = sp.client().await;
     assert_eq!(who(&client.get("/").await.unwrap().0), "a");
@@ -174,12 +144,13 @@ async fn invalid_reload_keeps_serving_the_old_config() {
     // A bad address and a route to a missing upstream: both reported,
     // nothing changes.
     let bad = config(
-        &upstream_yaml("app", &certs, &[("b", b)], ""),
+        Upstream::new("app")
+            .tls_ca(&certs)
+            .backend("b", "not-an-address"),
         admin_port,
-        "routes:\n  - upstream: nope\n",
     )
-    .replace(&format!("\"{b}\""), "\"not-an-address\"");
-    rewrite(&sp, &bad);
+    .route("nope");
+    sp.rewrite_config(&bad);
     let (status, body) = admin(admin_port, "POST", "/reload", "", Some(TOKEN));
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -213,14 +184,10 @@ async fn invalid_reload_keeps_serving_the_old_config() {
     assert_eq!(metric(&m, "spooky_config_generation"), 1.0);
 
     // Fixed: `spooky reload` applies it.
-    rewrite(
-        &sp,
-        &config(
-            &upstream_yaml("app", &certs, &[("b", b)], ""),
-            admin_port,
-            "",
-        ),
-    );
+    sp.rewrite_config(&config(
+        Upstream::h3("app", &certs, &[("b", b)]),
+        admin_port,
+    ));
     let out = std::process::Command::new(spooky_bin())
         .args(["reload", "-c"])
         .arg(sp.dir.path().join("spooky.yaml"))
@@ -244,14 +211,9 @@ async fn admin_api_drains_enables_and_reweights_backends() {
     let (_b, b) = backend("b", &certs, &[]);
     let admin_port = free_tcp_port();
     let sp = spooky(&config(
-        &upstream_yaml(
-            "app",
-            &certs,
-            &[("a", a), ("b", b)],
-            "balancing: { type: weighted_round_robin }",
-        ),
+        Upstream::h3("app", &certs, &[("a", a), ("b", b)])
+            .field("balancing", "{ type: weighted_round_robin }"),
         admin_port,
-        "",
     ));
     // The token is required (health endpoints excepted).
     assert_eq!(admin(admin_port, "GET", "/backends", "", None).0, 401);
@@ -378,12 +340,16 @@ async fn metrics_count_the_requests_sent() {
     let (_a, a) = backend("a", &certs, &[]);
     let (_b, b) = backend("b", &certs, &[]);
     let admin_port = free_tcp_port();
-    let routes = "routes:\n  - name: api\n    match: { path_prefix: /api/ }\n    upstream: app\n";
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a), ("b", b)], ""),
-        admin_port,
-        routes,
-    ));
+    let sp = spooky(
+        &config(
+            Upstream::h3("app", &certs, &[("a", a), ("b", b)]),
+            admin_port,
+        )
+        .route_with(
+            "app",
+            &[("name", "api"), ("match", "{ path_prefix: /api/ }")],
+        ),
+    );
     let client = sp.client().await;
     for i in 0..20 {
         assert_eq!(
@@ -396,16 +362,15 @@ async fn metrics_count_the_requests_sent() {
     }
     // The duration histogram is recorded when a body ends, just after the
     // client has read it: poll briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let m = loop {
-        let m = scrape(admin_port);
-        if metric(&m, "spooky_request_duration_seconds_count{route=\"api\"}") >= 20.0
-            || Instant::now() > deadline
-        {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let m = wait_until_async("20 durations recorded", Duration::from_secs(5), || {
+        metric_holds(
+            admin_port,
+            Some(TOKEN),
+            "spooky_request_duration_seconds_count{route=\"api\"}",
+            |v| v >= 20.0,
+        )
+    })
+    .await;
     assert_eq!(metric(&m, "spooky_requests_total{protocol=\"h3\"}"), 25.0);
     assert_eq!(
         metric(
@@ -482,12 +447,18 @@ async fn rate_limits_answer_429_at_the_configured_rate() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let routes = "routes:\n  - name: limited\n    match: { path_prefix: /limited/ }\n    upstream: app\n    rate_limit: { per_second: 10, burst: 5 }\n  - upstream: app\n";
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        routes,
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .route_with(
+                "app",
+                &[
+                    ("name", "limited"),
+                    ("match", "{ path_prefix: /limited/ }"),
+                    ("rate_limit", "{ per_second: 10, burst: 5 }"),
+                ],
+            )
+            .route("app"),
+    );
     let client = sp.client().await;
     // Offer far more than 10/s for 2 s on the limited route.
     let started = Instant::now();
@@ -536,12 +507,12 @@ async fn per_client_limits_and_retry() {
     let admin_port = free_tcp_port();
     // Every handshake gets a Retry first; at most 2 connections and
     // 20 requests/s (burst 20) per client.
-    let limits = "limits: { retry_threshold: 0, max_connections_per_ip: 2, requests_per_ip: { per_second: 20, burst: 20 } }\n";
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        limits,
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("retry_threshold", 0)
+            .limit("max_connections_per_ip", 2)
+            .limit("requests_per_ip", "{ per_second: 20, burst: 20 }"),
+    );
     let c1 = sp.client().await;
     let c2 = sp.client().await;
     assert_eq!(c1.get("/").await.unwrap().0.status(), 200);
@@ -596,7 +567,16 @@ async fn per_client_limits_and_retry() {
     // (one of the two connection slots is freed for it).
     let Some(py) = python() else { return };
     drop(c3);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "c3's connection closed (c1's left)",
+        Duration::from_secs(10),
+        || {
+            metric_holds(admin_port, Some(TOKEN), "spooky_quic_connections", |v| {
+                v <= 1.0
+            })
+        },
+    )
+    .await;
     let out = std::process::Command::new(py)
         .arg(script("h3_get.py"))
         .args(["--ca", &sp.cert().display().to_string()])
@@ -617,9 +597,8 @@ async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
     let mut sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        Upstream::h3("app", &certs, &[("a", a)]),
         admin_port,
-        "",
     ));
     let size: u64 = 48 << 20;
     let mut downloads = Vec::new();
@@ -630,7 +609,12 @@ async fn sigterm_lets_long_downloads_finish_and_refuses_new_connections() {
             (size, Instant::now())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "the three downloads in progress",
+        Duration::from_secs(10),
+        || metric_holds(admin_port, Some(TOKEN), "spooky_quic_streams", |v| v >= 3.0),
+    )
+    .await;
     let pid = sp.proc.pid();
     let sent = Instant::now();
     std::process::Command::new("kill")
@@ -676,30 +660,16 @@ async fn certificates_rotate_on_reload_and_logs_can_be_json() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let (old, new) = (support::certs(), support::certs());
+    let (old, new) = (crate::support::certs(), crate::support::certs());
     let live = tempfile::tempdir().unwrap();
     let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
     std::fs::copy(&old.cert, &cert).unwrap();
     std::fs::copy(&old.key, &key).unwrap();
-    let listen_tls = format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2, tls: {{ cert: {}, key: {} }} }}",
-        cert.display(),
-        key.display()
-    );
-    let cfg = config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "",
-    )
-    .replacen(
-        "listen: { address: 127.0.0.1, port: PORT, workers: 2, drain_timeout_ms: 20000 }",
-        &listen_tls,
-        1,
-    )
-    .replace(
-        "log: { access: false }",
-        "log: { format: json, access: true }",
-    );
+    let cfg = config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+        .listen_unset("drain_timeout_ms")
+        .listen_tls(&cert, &key)
+        .log("format", "json")
+        .access_log(true);
     let sp = spooky(&cfg);
     let trusting = |c: &Certs| spooky::client::ClientOptions {
         ca: Some(c.cert.clone()),
@@ -756,11 +726,11 @@ async fn header_limits_answer_431_and_slow_headers_are_cut_off() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "limits: { max_request_headers: 20, request_header_timeout_ms: 500 }\n",
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("max_request_headers", 20)
+            .limit("request_header_timeout_ms", 500),
+    );
     let client = sp.client().await;
     let mut req = http::Request::get("/");
     for i in 0..30 {
@@ -811,9 +781,8 @@ async fn admin_accepts_the_bearer_scheme_in_any_case() {
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
     let _sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
+        Upstream::h3("app", &certs, &[("a", a)]),
         admin_port,
-        "",
     ));
     let status_with = |authorization: &str| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
@@ -933,11 +902,10 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "limits: { connection_idle_timeout_ms: 800 }\n",
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("connection_idle_timeout_ms", 800),
+    );
 
     // The busy connection: one request of 2.5 s, more than 3× the idle
     // timeout.
@@ -1038,11 +1006,10 @@ async fn http1_idle_and_header_read_timeouts() {
     let get = b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n";
 
     // Idle timeout 800 ms, header timeout the default 10 s.
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "limits: { connection_idle_timeout_ms: 800 }\n",
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("connection_idle_timeout_ms", 800),
+    );
     let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
     s.write_all(get).await.unwrap();
     let resp = read_h1_response(&mut s).await;
@@ -1054,11 +1021,11 @@ async fn http1_idle_and_header_read_timeouts() {
 
     // Header timeout 700 ms, idle timeout 60 s.
     let admin_port = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "limits: { request_header_timeout_ms: 700, connection_idle_timeout_ms: 60000 }\n",
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("request_header_timeout_ms", 700)
+            .limit("connection_idle_timeout_ms", 60000),
+    );
     // A fresh connection that never finishes its head.
     let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
     s.write_all(b"GET / HTTP/1.1\r\nhost: loc").await.unwrap();
@@ -1092,11 +1059,10 @@ async fn max_connection_age_closes_busy_connections_gracefully() {
     let certs = certs();
     let (_a, a) = backend("a", &certs, &[]);
     let admin_port = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", a)], ""),
-        admin_port,
-        "limits: { max_connection_age_ms: 1000 }\n",
-    ));
+    let sp = spooky(
+        &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
+            .limit("max_connection_age_ms", 1000),
+    );
 
     // HTTP/2: a 2.5 s request on a connection that reaches its age at 1 s.
     let stream = tcp_tls_to(&sp, &[b"h2"]).await;

@@ -10,19 +10,12 @@
 //! CPU, the redirect finds no entry and the program returns `XDP_PASS` and
 //! counts `RedirectFailed`, which fails the row.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-#[path = "support/packets.rs"]
-mod packets;
-#[path = "support/privilege.rs"]
-mod privilege;
+use crate::support::privilege;
 
 use std::collections::BTreeSet;
 
+use crate::support::packets::*;
 use aya::maps::{Array, CpuMap, MapData};
-use packets::*;
 use spooky::steering::xdp::{XdpSteering, action};
 use spooky_common::{
     CidLayout, initial_dcid_hash,
@@ -1123,7 +1116,7 @@ fn set_worker_maintains_the_maps() {
 #[test]
 fn c_constants_mirror_spooky_common() {
     use spooky_common::{cid, maps};
-    let header = include_str!("../../spooky-ebpf/src/consts.h");
+    let header = include_str!("../../../spooky-ebpf/src/consts.h");
     let value = |name: &str| -> u64 {
         header
             .lines()

@@ -9,12 +9,7 @@
 //! and sees the same namespace; it checks the kernel's view independently
 //! of the code under test.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-#[path = "support/privilege.rs"]
-mod privilege;
+use crate::support::privilege;
 
 use std::{
     io,

@@ -5,21 +5,17 @@
 //! spooky's memory, and that valid clients keep being served. Figures are
 //! printed (`--nocapture`).
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use spooky::client::H3Client;
-use support::*;
 
-fn config(upstream: &str, admin: u16, limits: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlog: {{ access: false }}\n{limits}upstreams:\n{upstream}"
-    )
+/// Two workers, an admin listener on `admin`, no access log.
+fn config(upstream: Upstream, admin: u16) -> Config {
+    Config::new()
+        .admin(admin)
+        .access_log(false)
+        .upstream(upstream)
 }
 
 /// The flood's JSON summary.
@@ -93,17 +89,17 @@ fn assert_within_three_times(f: &Flood) {
     );
 }
 
-/// spooky (with `limits`) in front of one demo backend, with an admin
-/// listener: (spooky, backend, admin port).
-fn start(limits: &str) -> (Spooky, Proc, u16) {
+/// spooky (with `limits`, `(field, value)`) in front of one demo backend,
+/// with an admin listener: (spooky, backend, admin port).
+fn start(limits: &[(&str, u64)]) -> (Spooky, Proc, u16) {
     let certs = certs();
     let (backend, addr) = backend("a", &certs, &[]);
     let admin = free_tcp_port();
-    let sp = spooky(&config(
-        &upstream_yaml("app", &certs, &[("a", addr)], ""),
-        admin,
-        limits,
-    ));
+    let mut cfg = config(Upstream::h3("app", &certs, &[("a", addr)]), admin);
+    for (k, v) in limits {
+        cfg = cfg.limit(k, v);
+    }
+    let sp = spooky(&cfg);
     (sp, backend, admin)
 }
 
@@ -117,11 +113,16 @@ async fn a_half_open_flood_gets_retry_memory_stays_bounded_and_clients_are_serve
         return;
     }
     // Default limits: Retry above 64 handshakes in progress per worker.
-    let (sp, _backend, admin) = start("");
+    let (sp, _backend, admin) = start(&[]);
     let warm = sp.client().await;
     assert_eq!(warm.get("/").await.unwrap().0.status(), 200);
     drop(warm);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_async(
+        "the warm-up connection closed",
+        Duration::from_secs(10),
+        || metric_holds(admin, None, "spooky_quic_connections", |v| v == 0.0),
+    )
+    .await;
     let rss_before = sp.proc.rss_kib();
 
     let child = flood(&sp, 2000, 3.0);
@@ -180,8 +181,10 @@ async fn without_retry_the_server_sends_at_most_three_times_what_it_received() {
     }
     // Retry off: every handshake gets a full server flight, which the
     // anti-amplification limit must bound.
-    let (sp, _backend, _admin) =
-        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n");
+    let (sp, _backend, _admin) = start(&[
+        ("retry_threshold", 1_000_000),
+        ("max_handshakes_in_progress", 1_000_000),
+    ]);
     let rss_before = sp.proc.rss_kib();
     let f = result(flood(&sp, 2000, 4.0));
     let peak = sp.proc.peak_rss_kib();
@@ -235,19 +238,10 @@ async fn a_flight_beyond_the_budget_stops_at_three_times_and_real_clients_comple
     let certs = certs();
     let (_backend, addr) = backend("a", &certs, &[]);
     let sp = spooky(
-        &config(
-            &upstream_yaml("app", &certs, &[("a", addr)], ""),
-            free_tcp_port(),
-            "limits: { retry_threshold: 1000000, max_handshakes_in_progress: 1000000 }\n",
-        )
-        .replace(
-            "workers: 2 }",
-            &format!(
-                "workers: 2, tls: {{ cert: {}, key: {} }} }}",
-                cert.display(),
-                key.display()
-            ),
-        ),
+        &config(Upstream::h3("app", &certs, &[("a", addr)]), free_tcp_port())
+            .limit("retry_threshold", 1_000_000)
+            .limit("max_handshakes_in_progress", 1_000_000)
+            .listen_tls(&cert, &key),
     );
 
     let f = result(flood(&sp, 200, 2.0));
@@ -301,8 +295,10 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
     if python().is_none() {
         return;
     }
-    let (sp, _backend, admin) =
-        start("limits: { retry_threshold: 1000000, max_handshakes_in_progress: 20 }\n");
+    let (sp, _backend, admin) = start(&[
+        ("retry_threshold", 1_000_000),
+        ("max_handshakes_in_progress", 20),
+    ]);
     let f = result(flood(&sp, 400, 1.0));
     let m = scrape_with(admin, None);
     let dropped = m
@@ -328,15 +324,15 @@ async fn the_half_open_cap_drops_initials_beyond_it() {
 /// once its schedule has caught up.
 #[test]
 fn xdp_drops_initials_beyond_a_sources_rate() {
-    if !support::privilege::require_root("xdp_drops_initials_beyond_a_sources_rate")
+    if !crate::support::privilege::require_root("xdp_drops_initials_beyond_a_sources_rate")
         || python().is_none()
     {
         return;
     }
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-    let net = support::netns::VethPair::new("irate");
+    let net = crate::support::netns::VethPair::new("irate");
     let other_ip = Ipv4Addr::new(198, 18, 0, 3);
-    support::netns::ip_in(
+    crate::support::netns::ip_in(
         &net.client_ns,
         &[
             "addr",
@@ -352,15 +348,16 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
     let (rate, burst) = (5.0, 10.0);
     let sp = spooky_in_netns(
         &net.server_ns,
-        &format!(
-            "listen: {{ address: {}, port: PORT, workers: 2 }}\n\
-             steering: {{ mode: xdp, interfaces: [{}], initials_per_source: {{ per_second: {rate}, burst: {burst} }} }}\n\
-             log: {{ access: false }}\n\
-             upstreams:\n{}",
-            net.server_ip,
-            net.server_if,
-            upstream_yaml("app", &certs, &[("b", backend_addr)], "")
-        ),
+        &Config::new()
+            .address(net.server_ip)
+            .steering_mode("xdp")
+            .steering("interfaces", format!("[{}]", net.server_if))
+            .steering(
+                "initials_per_source",
+                format!("{{ per_second: {rate}, burst: {burst} }}"),
+            )
+            .access_log(false)
+            .upstream(Upstream::h3("app", &certs, &[("b", backend_addr)])),
         4433,
         &[],
     );
@@ -380,7 +377,7 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
     let hashed = || counter("long_hash_local") + counter("long_hash_redirect");
     let (hashed_before, dropped_before) = (hashed(), counter("drop_initial_rate"));
 
-    let flood = support::netns::command_in(&net.client_ns, python().unwrap())
+    let flood = crate::support::netns::command_in(&net.client_ns, python().unwrap())
         .arg(script("h3_flood.py"))
         .args(["--host", &net.server_ip.to_string(), "--port", "4433"])
         .args(["--bind", &net.client_ip.to_string()])
@@ -399,7 +396,7 @@ fn xdp_drops_initials_beyond_a_sources_rate() {
             ..Default::default()
         };
         let url = sp.url("/");
-        support::netns::block_on_in(&net.client_ns, "valid-client", move || async move {
+        crate::support::netns::block_on_in(&net.client_ns, "valid-client", move || async move {
             let c = H3Client::connect(&url, &opts)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -1,26 +1,14 @@
 //! End to end through real processes and sockets: HTTP/3 clients → spooky
 //! → HTTP/3 demo backends, all on loopback.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::BodyExt;
 use spooky::body;
-use support::*;
-
-fn config(upstreams: &str, extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{upstreams}{extra}"
-    )
-}
 
 #[tokio::test]
 async fn balances_round_robin_across_three_backends() {
@@ -28,15 +16,11 @@ async fn balances_round_robin_across_three_backends() {
     let (_b1, a1) = backend("b1", &certs, &[]);
     let (_b2, a2) = backend("b2", &certs, &[]);
     let (_b3, a3) = backend("b3", &certs, &[]);
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("b1", a1), ("b2", a2), ("b3", a3)],
-        "balancing: { type: round_robin }",
-    );
+    let up = Upstream::h3("demo", &certs, &[("b1", a1), ("b2", a2), ("b3", a3)])
+        .field("balancing", "{ type: round_robin }");
     // One worker: round robin is per worker, and this test checks exact
     // shares.
-    let sp = spooky(&config(&up, "").replace("workers: 2", "workers: 1"));
+    let sp = spooky(&Config::new().workers(1).upstream(up));
     let client = sp.client().await;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
@@ -54,8 +38,8 @@ async fn balances_round_robin_across_three_backends() {
 async fn sixteen_concurrent_streams_on_one_connection() {
     let certs = certs();
     let (_b, a) = backend("only", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("only", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("only", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = std::sync::Arc::new(sp.client().await);
     // The backend answers /barrier/16 only when 16 requests wait there at
     // once: all 16 must be in flight through spooky together.
@@ -79,8 +63,8 @@ async fn sixty_four_mib_each_way_with_bounded_memory() {
     const SIZE: u64 = 64 << 20;
     let certs = certs();
     let (_b, a) = backend("big", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("big", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("big", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
     // Warm up so the baseline includes connections and buffers.
     client.get("/bytes/1048576").await.unwrap();
@@ -142,8 +126,8 @@ fn tokio_stream<T: Send + 'static>(
 async fn trailers_cross_the_proxy_both_ways() {
     let certs = certs();
     let (_b, a) = backend("t", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("t", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("t", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
 
     let resp = client
@@ -178,8 +162,8 @@ async fn trailers_cross_the_proxy_both_ways() {
 async fn forwarding_headers_and_request_id() {
     let certs = certs();
     let (_b, a) = backend("h", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("h", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("h", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
 
     let req = Request::get("/headers")
@@ -218,12 +202,14 @@ async fn forwarding_headers_and_request_id() {
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 32);
     assert!(String::from_utf8_lossy(&text).contains(&format!("x-request-id: {id}\n")));
-    // ... and logs it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        sp.proc.out.contains(&id),
-        "request id not in the access log"
-    );
+    // ... and logs it (when the response body has ended, just after the
+    // client read it).
+    wait_until_async(
+        "the request id in the access log",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access", &id], 1),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -231,8 +217,8 @@ async fn unreachable_backend_gives_502_with_request_id() {
     let certs = certs();
     // Nothing listens on this port.
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let up = upstream_yaml("demo", &certs, &[("dead", dead)], "");
-    let sp = spooky(&config(&up, "timeouts: { connect_ms: 500 }\n"));
+    let up = Upstream::h3("demo", &certs, &[("dead", dead)]);
+    let sp = spooky(&Config::new().timeout("connect_ms", 500).upstream(up));
     let client = sp.client().await;
     let (resp, body) = client.get("/").await.unwrap();
     assert!(
@@ -252,13 +238,8 @@ async fn unreachable_backend_gives_502_with_request_id() {
 async fn slow_backend_gives_504() {
     let certs = certs();
     let (_b, a) = backend("slow", &certs, &[]);
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("slow", a)],
-        "timeouts: { request_ms: 300 }",
-    );
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("slow", a)]).field("timeouts", "{ request_ms: 300 }");
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
     let (resp, body) = client.get("/delay/5000").await.unwrap();
     assert_eq!(resp.status(), 504, "{body:?}");
@@ -271,8 +252,8 @@ async fn slow_backend_gives_504() {
 async fn a_client_reset_ends_only_its_stream() {
     let certs = certs();
     let (_b, a) = backend("r", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("r", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("r", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
     // Start a large download and abandon it after the first chunk.
     let resp = client
@@ -299,8 +280,8 @@ async fn a_client_reset_ends_only_its_stream() {
 async fn body_limit_gives_413() {
     let certs = certs();
     let (_b, a) = backend("l", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("l", a)], "");
-    let sp = spooky(&config(&up, "limits: { max_body_bytes: 1000 }\n"));
+    let up = Upstream::h3("demo", &certs, &[("l", a)]);
+    let sp = spooky(&Config::new().limit("max_body_bytes", 1000).upstream(up));
     let client = sp.client().await;
     let req = Request::post("/sink")
         .header("content-length", "5000")
@@ -330,14 +311,22 @@ async fn routes_by_host_path_and_header() {
     let (_a, aa) = backend("api", &certs, &[]);
     let (_w, wa) = backend("web", &certs, &[]);
     let (_c, ca) = backend("canary", &certs, &[]);
-    let ups = format!(
-        "{}{}{}",
-        upstream_yaml("api", &certs, &[("api", aa)], ""),
-        upstream_yaml("web", &certs, &[("web", wa)], ""),
-        upstream_yaml("canary", &certs, &[("canary", ca)], ""),
+    let sp = spooky(
+        &Config::new()
+            .upstream(Upstream::h3("api", &certs, &[("api", aa)]))
+            .upstream(Upstream::h3("web", &certs, &[("web", wa)]))
+            .upstream(Upstream::h3("canary", &certs, &[("canary", ca)]))
+            .route_with(
+                "canary",
+                &[(
+                    "match",
+                    "{ path_prefix: /api/, headers: { x-canary: \"1\" } }",
+                )],
+            )
+            .route_with("api", &[("match", "{ path_prefix: /api/ }")])
+            .route_with("api", &[("match", "{ host: \"*.example\" }")])
+            .route("web"),
     );
-    let routes = "routes:\n  - match: { path_prefix: /api/, headers: { x-canary: \"1\" } }\n    upstream: canary\n  - match: { path_prefix: /api/ }\n    upstream: api\n  - match: { host: \"*.example\" }\n    upstream: api\n  - upstream: web\n";
-    let sp = spooky(&config(&ups, routes));
     let client = sp.client().await;
     let who =
         |resp: &http::Response<()>| resp.headers()["x-backend-id"].to_str().unwrap().to_owned();
@@ -364,8 +353,8 @@ async fn routes_by_host_path_and_header() {
 async fn the_self_signed_certificate_survives_restarts() {
     let certs = certs();
     let (_b, a) = backend("s", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("s", a)], "");
-    let mut sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("s", a)]);
+    let mut sp = spooky(&Config::new().upstream(up));
     let first = std::fs::read(sp.cert()).unwrap();
     assert!(
         sp.proc.out.contains("SELF-SIGNED"),
@@ -478,13 +467,9 @@ fn aioquic_client_through_spooky() {
     let certs = certs();
     let (_b1, a1) = backend("aq1", &certs, &[]);
     let (_b2, a2) = backend("aq2", &certs, &[]);
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("aq1", a1), ("aq2", a2)],
-        "balancing: { type: round_robin }",
-    );
-    let sp = spooky(&config(&up, "").replace("workers: 2", "workers: 1"));
+    let up = Upstream::h3("demo", &certs, &[("aq1", a1), ("aq2", a2)])
+        .field("balancing", "{ type: round_robin }");
+    let sp = spooky(&Config::new().workers(1).upstream(up));
     let out = aioquic(&sp, &["--path", "/", "--count", "8", "--concurrent"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -528,23 +513,19 @@ async fn admin_serves_metrics_health_and_readiness() {
     let certs = certs();
     let (_b, a) = backend("m", &certs, &[]);
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let ups = format!(
-        "{}{}",
-        upstream_yaml("live", &certs, &[("m", a)], ""),
-        upstream_yaml(
-            "dead",
-            &certs,
-            &[("gone", dead)],
-            "retries: { attempts: 0 }\ntimeouts: { connect_ms: 300 }",
-        ),
-    );
     let admin_port = free_udp_port();
-    let routes =
-        "routes:\n  - match: { path_prefix: /dead }\n    upstream: dead\n  - upstream: live\n";
-    let sp = spooky(&config(
-        &ups,
-        &format!("{routes}admin: {{ address: \"127.0.0.1:{admin_port}\" }}\n"),
-    ));
+    let sp = spooky(
+        &Config::new()
+            .upstream(Upstream::h3("live", &certs, &[("m", a)]))
+            .upstream(
+                Upstream::h3("dead", &certs, &[("gone", dead)])
+                    .field("retries", "{ attempts: 0 }")
+                    .field("timeouts", "{ connect_ms: 300 }"),
+            )
+            .route_with("dead", &[("match", "{ path_prefix: /dead }")])
+            .route("live")
+            .admin(admin_port),
+    );
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let client = sp.client().await;
     for _ in 0..3 {
@@ -579,8 +560,8 @@ fn a_malformed_request_ends_only_its_stream() {
     }
     let certs = certs();
     let (_b, a) = backend("mf", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("mf", a)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("mf", a)]);
+    let sp = spooky(&Config::new().upstream(up));
     let out = aioquic(&sp, &["--malformed-first", "--path", "/", "--count", "2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -596,8 +577,15 @@ fn a_malformed_request_ends_only_its_stream() {
         &["200 14 bytes hello from mf", "200 14 bytes hello from mf"],
         "{stdout}"
     );
-    // ...and the malformed one never became a request.
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // ...and the malformed one never became a request: once the two
+    // served requests are logged, a third line (there must be none) gets
+    // the grace period a line written late needs.
+    wait_until(
+        "access-log lines for the two served requests",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access"], 2),
+    );
+    std::thread::sleep(Duration::from_millis(100));
     let served = sp
         .proc
         .out

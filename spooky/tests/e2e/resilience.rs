@@ -4,59 +4,23 @@
 //! (ejection and recovery times, traffic shares, breaker timings) is
 //! printed with `eprintln!` (`cargo test -- --nocapture` shows them).
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use spooky::body;
 use spooky::client::H3Client;
-use support::*;
-
-fn config(upstreams: &str, extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{upstreams}{extra}"
-    )
-}
 
 /// spooky at log level `info`: no access-log line per request, so the
 /// log stays small enough to poll cheaply.
-fn start(config: &str) -> Spooky {
+fn start(config: &Config) -> Spooky {
     spooky_with(config, &[("RUST_LOG", "info,spooky::access=off")])
-}
-
-/// An upstream whose backends carry extra per-backend fields (e.g. their
-/// own `health_check`); `backends` is (id, address, extra fields).
-fn upstream_with(
-    name: &str,
-    certs: &Certs,
-    backends: &[(&str, SocketAddr, &str)],
-    extra: &str,
-) -> String {
-    let mut s = format!(
-        "  {name}:\n    tls: {{ ca: {}, sni: localhost }}\n    backends:\n",
-        certs.cert.display()
-    );
-    for (id, addr, fields) in backends {
-        let sep = if fields.is_empty() { "" } else { ", " };
-        s.push_str(&format!(
-            "      - {{ id: {id}, address: \"{addr}\"{sep}{fields} }}\n"
-        ));
-    }
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {line}\n"));
-    }
-    s
 }
 
 /// A response: status, headers, body.
@@ -299,25 +263,41 @@ async fn killed_backend_is_ejected_and_recovers_without_failed_requests() {
     const FALL: u64 = 2;
     const RISE: u64 = 2;
     const BACKOFF_CAP_MS: u64 = 400;
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("b1", a1), ("b2", a2), ("b3", a3)],
-        &format!(
-            "balancing: {{ type: round_robin }}
-health_check: {{ path: /health, interval_ms: {INTERVAL_MS}, timeout_ms: {PROBE_TIMEOUT_MS}, unhealthy_threshold: {FALL}, healthy_threshold: {RISE}, max_backoff_ms: {BACKOFF_CAP_MS} }}
-outlier_detection: {{ consecutive_gateway_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 4000 }}
-retries: {{ attempts: 2, per_try_timeout_ms: {PER_TRY_MS} }}
-timeouts: {{ connect_ms: 250 }}"
-        ),
-    );
-    let sp = start(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("b1", a1), ("b2", a2), ("b3", a3)])
+        .field("balancing", "{ type: round_robin }")
+        .field(
+            "health_check",
+            format!(
+                "{{ path: /health, interval_ms: {INTERVAL_MS}, timeout_ms: {PROBE_TIMEOUT_MS}, unhealthy_threshold: {FALL}, healthy_threshold: {RISE}, max_backoff_ms: {BACKOFF_CAP_MS} }}"
+            ),
+        )
+        .field(
+            "outlier_detection",
+            "{ consecutive_gateway_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 4000 }",
+        )
+        .field(
+            "retries",
+            format!("{{ attempts: 2, per_try_timeout_ms: {PER_TRY_MS} }}"),
+        )
+        .field("timeouts", "{ connect_ms: 250 }");
+    let sp = start(&Config::new().upstream(up));
     let out = sp.proc.out.clone();
     let load = Load::endless(&clients(&sp, 3).await, 8, "/");
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let warm = load.tally.lock().unwrap().by_backend.clone();
-    assert!(warm.get("b2").copied().unwrap_or(0) > 20, "{warm:?}");
+    // Warm: b2 has its share of the load.
+    wait_until_async(
+        "more than 20 responses from b2",
+        Duration::from_secs(10),
+        || {
+            let warm = load.tally.lock().unwrap().by_backend.clone();
+            if warm.get("b2").copied().unwrap_or(0) > 20 {
+                Ok(())
+            } else {
+                Err(format!("{warm:?}"))
+            }
+        },
+    )
+    .await;
 
     // Kill b2 (SIGKILL: no CONNECTION_CLOSE, its QUIC connections just
     // go silent).
@@ -444,18 +424,17 @@ async fn outlier_detection_alone_ejects_and_readmits_a_killed_backend() {
     let (_b3, a3) = backend("o3", &certs, &[]);
     const BASE_MS: u64 = 500;
     const MAX_MS: u64 = 2000;
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("o1", a1), ("o2", a2), ("o3", a3)],
-        &format!(
-            "balancing: {{ type: least_connections }}
-outlier_detection: {{ consecutive_gateway_failures: 3, base_ejection_ms: {BASE_MS}, max_ejection_ms: {MAX_MS} }}
-retries: {{ attempts: 2, per_try_timeout_ms: 250 }}
-timeouts: {{ connect_ms: 150 }}"
-        ),
-    );
-    let sp = start(&config(&up, ""));
+    let up = Upstream::h3("demo", &certs, &[("o1", a1), ("o2", a2), ("o3", a3)])
+        .field("balancing", "{ type: least_connections }")
+        .field(
+            "outlier_detection",
+            format!(
+                "{{ consecutive_gateway_failures: 3, base_ejection_ms: {BASE_MS}, max_ejection_ms: {MAX_MS} }}"
+            ),
+        )
+        .field("retries", "{ attempts: 2, per_try_timeout_ms: 250 }")
+        .field("timeouts", "{ connect_ms: 150 }");
+    let sp = start(&Config::new().upstream(up));
     let out = sp.proc.out.clone();
     let load = Load::endless(&clients(&sp, 2).await, 8, "/");
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -532,20 +511,18 @@ async fn slow_backend_gets_less_traffic_under_p2c_ewma_and_least_connections() {
         ("lc", "least_connections"),
         ("p2c", "p2c_ewma"),
     ];
-    let mut ups = String::new();
-    let mut routes = String::from("routes:\n");
+    let mut config = Config::new();
     for (name, algo) in algos {
-        ups.push_str(&upstream_yaml(
-            name,
-            &certs,
-            &pool,
-            &format!("balancing: {{ type: {algo} }}"),
-        ));
-        routes.push_str(&format!(
-            "  - match: {{ headers: {{ x-algo: {name} }} }}\n    upstream: {name}\n"
-        ));
+        config = config
+            .upstream(
+                Upstream::h3(name, &certs, &pool).field("balancing", format!("{{ type: {algo} }}")),
+            )
+            .route_with(
+                name,
+                &[("match", &format!("{{ headers: {{ x-algo: {name} }} }}"))],
+            );
     }
-    let sp = start(&config(&ups, &routes));
+    let sp = start(&config);
     let mut shares = HashMap::new();
     for (name, algo) in algos {
         let cs = clients(&sp, 2).await;
@@ -625,16 +602,18 @@ async fn sticky_cookie_pins_a_client_across_connections_and_falls_back() {
         procs.insert(id.to_owned(), p);
         pool.push((id, a));
     }
-    let up = upstream_yaml(
-        "sticky",
-        &certs,
-        &pool,
-        "balancing: { type: sticky_cookie, cookie: lb, ttl_s: 600 }
-health_check: { interval_ms: 200, timeout_ms: 150, unhealthy_threshold: 2, max_backoff_ms: 400 }
-retries: { per_try_timeout_ms: 250 }
-timeouts: { connect_ms: 250 }",
-    );
-    let sp = start(&config(&up, ""));
+    let up = Upstream::h3("sticky", &certs, &pool)
+        .field(
+            "balancing",
+            "{ type: sticky_cookie, cookie: lb, ttl_s: 600 }",
+        )
+        .field(
+            "health_check",
+            "{ interval_ms: 200, timeout_ms: 150, unhealthy_threshold: 2, max_backoff_ms: 400 }",
+        )
+        .field("retries", "{ per_try_timeout_ms: 250 }")
+        .field("timeouts", "{ connect_ms: 250 }");
+    let sp = start(&Config::new().upstream(up));
     let c1 = sp.client().await;
     let first = must_get(&c1, "/", &[]).await;
     assert_eq!(first.status, 200);
@@ -723,16 +702,18 @@ async fn consistent_hash_keeps_keys_on_one_backend_and_moves_only_the_dead_ones(
         procs.insert(id.to_owned(), p);
         pool.push((id, a));
     }
-    let up = upstream_yaml(
-        "hash",
-        &certs,
-        &pool,
-        "balancing: { type: consistent_hash, key: { source: header, name: x-user } }
-health_check: { interval_ms: 200, timeout_ms: 150, unhealthy_threshold: 2, max_backoff_ms: 400 }
-retries: { per_try_timeout_ms: 250 }
-timeouts: { connect_ms: 250 }",
-    );
-    let sp = start(&config(&up, ""));
+    let up = Upstream::h3("hash", &certs, &pool)
+        .field(
+            "balancing",
+            "{ type: consistent_hash, key: { source: header, name: x-user } }",
+        )
+        .field(
+            "health_check",
+            "{ interval_ms: 200, timeout_ms: 150, unhealthy_threshold: 2, max_backoff_ms: 400 }",
+        )
+        .field("retries", "{ per_try_timeout_ms: 250 }")
+        .field("timeouts", "{ connect_ms: 250 }");
+    let sp = start(&Config::new().upstream(up));
     let users: Vec<String> = (0..30).map(|i| format!("user-{i}")).collect();
     let c1 = sp.client().await;
     let mut owner = BTreeMap::new();
@@ -807,27 +788,29 @@ async fn circuit_breaker_opens_half_opens_and_limits_concurrency() {
     const OPEN_MS: u64 = 800;
     let certs = certs();
     let (_b, a) = backend("cb", &certs, &[]);
-    let ups = format!(
-        "{}{}",
-        upstream_yaml(
-            "flaky",
-            &certs,
-            &[("cb", a)],
-            &format!(
-                "circuit_breaker: {{ failure_threshold: 3, open_ms: {OPEN_MS}, half_open_max_requests: 1 }}
-retries: {{ attempts: 0 }}"
-            ),
-        ),
-        upstream_yaml(
-            "limited",
-            &certs,
-            &[("cb", a)],
-            "circuit_breaker: { max_concurrent_requests: 2 }
-retries: { attempts: 0 }",
-        ),
+    // The admin listener's metrics show when requests are in flight.
+    let admin_port = free_tcp_port();
+    let sp = start(
+        &Config::new()
+            .admin(admin_port)
+            .upstream(
+                Upstream::h3("flaky", &certs, &[("cb", a)])
+                    .field(
+                        "circuit_breaker",
+                        format!(
+                            "{{ failure_threshold: 3, open_ms: {OPEN_MS}, half_open_max_requests: 1 }}"
+                        ),
+                    )
+                    .field("retries", "{ attempts: 0 }"),
+            )
+            .upstream(
+                Upstream::h3("limited", &certs, &[("cb", a)])
+                    .field("circuit_breaker", "{ max_concurrent_requests: 2 }")
+                    .field("retries", "{ attempts: 0 }"),
+            )
+            .route_with("limited", &[("match", "{ headers: { x-up: limited } }")])
+            .route("flaky"),
     );
-    let routes = "routes:\n  - match: { headers: { x-up: limited } }\n    upstream: limited\n  - upstream: flaky\n";
-    let sp = start(&config(&ups, routes));
     let c = Arc::new(sp.client().await);
 
     // Three 5xx answers from the backend open the circuit.
@@ -872,7 +855,15 @@ retries: { attempts: 0 }",
     tokio::time::sleep(Duration::from_millis(OPEN_MS + 50)).await;
     let c2 = c.clone();
     let trial = tokio::spawn(async move { must_get(&c2, "/delay/400", &[]).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_until_async("the trial at the backend", Duration::from_secs(5), || {
+        metric_holds(
+            admin_port,
+            None,
+            "spooky_backend_in_flight{backend=\"cb\",upstream=\"flaky\"}",
+            |v| v >= 1.0,
+        )
+    })
+    .await;
     let second = must_get(&c, "/", &[]).await;
     assert_eq!(second.status, 503, "{}", second.text());
     assert!(
@@ -908,7 +899,19 @@ retries: { attempts: 0 }",
             must_get(&c, "/delay/1000", &[("x-up", "limited")]).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_async(
+        "two slow requests at the backend",
+        Duration::from_secs(5),
+        || {
+            metric_holds(
+                admin_port,
+                None,
+                "spooky_backend_in_flight{backend=\"cb\",upstream=\"limited\"}",
+                |v| v >= 2.0,
+            )
+        },
+    )
+    .await;
     let t = Instant::now();
     let r = must_get(&c, "/", &lim).await;
     let limit_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -977,15 +980,14 @@ async fn a_failed_retry_returns_the_earlier_backend_response() {
     let certs = certs();
     let (_a, aa) = backend("alive", &certs, &[]);
     let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let up = upstream_yaml(
-        "demo",
-        &certs,
-        &[("alive", aa), ("dead", dead)],
-        "balancing: { type: round_robin }
-retries: { attempts: 1, retry_on: [503, connect_failure] }
-timeouts: { connect_ms: 200 }",
-    );
-    let sp = start(&config(&up, "").replace("workers: 2", "workers: 1"));
+    let up = Upstream::h3("demo", &certs, &[("alive", aa), ("dead", dead)])
+        .field("balancing", "{ type: round_robin }")
+        .field(
+            "retries",
+            "{ attempts: 1, retry_on: [503, connect_failure] }",
+        )
+        .field("timeouts", "{ connect_ms: 200 }");
+    let sp = start(&Config::new().workers(1).upstream(up));
     let c = sp.client().await;
     // Round robin alternates the first try between both backends: either
     // 503 from `alive` then a failed connect to `dead`, or the reverse.
@@ -1014,30 +1016,37 @@ async fn panic_mode_and_all_down() {
     let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let ok = "health_check: { path: /health, interval_ms: 100, timeout_ms: 80 }";
     let bad = "health_check: { path: /status/503, interval_ms: 100, timeout_ms: 80 }";
-    let ups = [
-        upstream_with(
-            "panicky",
-            &certs,
-            &[("p1", a1, ok), ("p2", a2, bad), ("p3", a3, bad)],
-            "",
-        ),
-        upstream_with(
-            "normal",
-            &certs,
-            &[("p1", a1, ok), ("p2", a2, ok), ("p3", a3, bad)],
-            "",
-        ),
-        upstream_with(
-            "down",
-            &certs,
-            &[("p1", a1, bad), ("gone", dead, ok)],
-            "panic: { threshold_percent: 0, all_down: { retry_after_s: 7 } }
-timeouts: { connect_ms: 80 }",
-        ),
-    ]
-    .concat();
-    let routes = "routes:\n  - match: { headers: { x-up: normal } }\n    upstream: normal\n  - match: { headers: { x-up: down } }\n    upstream: down\n  - upstream: panicky\n";
-    let sp = start(&config(&ups, routes));
+    let sp = start(
+        &Config::new()
+            .upstream(
+                Upstream::new("panicky")
+                    .tls_ca(&certs)
+                    .backend_with("p1", a1, ok)
+                    .backend_with("p2", a2, bad)
+                    .backend_with("p3", a3, bad),
+            )
+            .upstream(
+                Upstream::new("normal")
+                    .tls_ca(&certs)
+                    .backend_with("p1", a1, ok)
+                    .backend_with("p2", a2, ok)
+                    .backend_with("p3", a3, bad),
+            )
+            .upstream(
+                Upstream::new("down")
+                    .tls_ca(&certs)
+                    .backend_with("p1", a1, bad)
+                    .backend_with("gone", dead, ok)
+                    .field(
+                        "panic",
+                        "{ threshold_percent: 0, all_down: { retry_after_s: 7 } }",
+                    )
+                    .field("timeouts", "{ connect_ms: 80 }"),
+            )
+            .route_with("normal", &[("match", "{ headers: { x-up: normal } }")])
+            .route_with("down", &[("match", "{ headers: { x-up: down } }")])
+            .route("panicky"),
+    );
     // Every failing probe is the first of its backend: Unhealthy at once.
     for b in [
         "panicky/p2",

@@ -3,25 +3,13 @@
 //! redirect, gRPC over HTTP/3 and HTTP/2 to a grpcio backend, and a
 //! browser (headless Chromium) upgrading to HTTP/3 from `alt-svc`.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::process::Command;
 
+use crate::support::*;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::BodyExt;
 use spooky::body;
-use support::*;
-
-fn config(upstreams: &str, extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 2 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{upstreams}{extra}"
-    )
-}
 
 /// Requests every kind of exchange through spooky to one backend.
 async fn exercise(sp: &Spooky, expect_version: &str, expect_host_header: bool) {
@@ -105,8 +93,8 @@ async fn http1_and_http2_backends_cleartext_and_tls() {
             args.push("--tls");
         }
         let (_b, addr) = backend(&format!("{protocol}-{tls}"), &certs, &args);
-        let up = upstream_block("demo", protocol, tls.then_some(&certs), &[("b", addr)], "");
-        let sp = spooky(&config(&up, ""));
+        let up = Upstream::with_protocol("demo", protocol, tls.then_some(&certs), &[("b", addr)]);
+        let sp = spooky(&Config::new().upstream(up));
         eprintln!("backend {protocol} tls={tls}");
         exercise(&sp, version, host_header).await;
     }
@@ -126,21 +114,21 @@ async fn mutual_tls_to_backends() {
         }
         let (_b, addr) = backend(&format!("mtls-{protocol}"), &certs, &args);
         let auth = format!(
-            "tls: {{ ca: {}, sni: localhost, client_cert: {}, client_key: {} }}",
+            "{{ ca: {}, sni: localhost, client_cert: {}, client_key: {} }}",
             certs.cert.display(),
             ccert.display(),
             ckey.display()
         );
-        let with = upstream_block("with", protocol, None, &[("b", addr)], &auth);
-        let without = upstream_block(
-            "without",
-            protocol,
-            Some(&certs),
-            &[("b", addr)],
-            "retries: { attempts: 0 }",
+        let with =
+            Upstream::with_protocol("with", protocol, None, &[("b", addr)]).field("tls", auth);
+        let without = Upstream::with_protocol("without", protocol, Some(&certs), &[("b", addr)])
+            .field("retries", "{ attempts: 0 }");
+        let sp = spooky(
+            &Config::new()
+                .upstreams([with, without])
+                .route_with("without", &[("match", "{ path_prefix: /anon/ }")])
+                .route("with"),
         );
-        let routes = "routes:\n  - match: { path_prefix: /anon/ }\n    upstream: without\n  - upstream: with\n";
-        let sp = spooky(&config(&format!("{with}{without}"), routes));
         let c = sp.client().await;
         let (ok, body) = c.get("/").await.unwrap();
         assert_eq!(ok.status(), 200, "{protocol}: {body:?}");
@@ -157,8 +145,8 @@ async fn mutual_tls_to_backends() {
 async fn trailers_through_an_http2_backend() {
     let certs = certs();
     let (_b, addr) = backend("h2t", &certs, &["--protocol", "http2"]);
-    let up = upstream_block("demo", "http2", None, &[("b", addr)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::with_protocol("demo", "http2", None, &[("b", addr)]);
+    let sp = spooky(&Config::new().upstream(up));
     let client = sp.client().await;
     let resp = client
         .send(Request::get("/trailers").body(body::empty()).unwrap())
@@ -192,14 +180,9 @@ async fn trailers_through_an_http2_backend() {
 #[tokio::test]
 async fn an_http2_backend_that_is_down_gives_502() {
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let up = upstream_block(
-        "demo",
-        "http2",
-        None,
-        &[("dead", dead)],
-        "retries: { attempts: 0 }",
-    );
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::with_protocol("demo", "http2", None, &[("dead", dead)])
+        .field("retries", "{ attempts: 0 }");
+    let sp = spooky(&Config::new().upstream(up));
     let (resp, body) = sp.client().await.get("/").await.unwrap();
     assert_eq!(resp.status(), 502, "{body:?}");
 }
@@ -219,12 +202,14 @@ async fn tcp_listener_serves_http2_and_http1_with_alt_svc() {
     }
     let certs = certs();
     let (_b, addr) = backend("tcp", &certs, &[]);
-    let up = upstream_block("demo", "http3", Some(&certs), &[("b", addr)], "");
+    let up = Upstream::with_protocol("demo", "http3", Some(&certs), &[("b", addr)]);
     let redirect = free_udp_port();
-    let sp = spooky(&config(&up, "").replace(
-        "workers: 2 }",
-        &format!("workers: 2, alt_svc_max_age_s: 3600, http_redirect_port: {redirect} }}"),
-    ));
+    let sp = spooky(
+        &Config::new()
+            .listen("alt_svc_max_age_s", 3600)
+            .listen("http_redirect_port", redirect)
+            .upstream(up),
+    );
     let url = sp.url("/headers");
     let ca = sp.cert();
     let ca = ca.to_str().unwrap();
@@ -324,13 +309,23 @@ async fn grpc_over_http3_and_http2_to_a_grpcio_backend() {
     };
     let grpc_addr: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     let (_b, addr) = backend("web", &certs, &[]);
-    let ups = format!(
-        "{}{}",
-        upstream_block("grpc", "http2", None, &[("g", grpc_addr)], ""),
-        upstream_block("web", "http3", Some(&certs), &[("w", addr)], "")
+    let sp = spooky(
+        &Config::new()
+            .upstream(Upstream::with_protocol(
+                "grpc",
+                "http2",
+                None,
+                &[("g", grpc_addr)],
+            ))
+            .upstream(Upstream::with_protocol(
+                "web",
+                "http3",
+                Some(&certs),
+                &[("w", addr)],
+            ))
+            .route_with("grpc", &[("match", "{ path_prefix: /spooky.test.Demo/ }")])
+            .route("web"),
     );
-    let routes = "routes:\n  - match: { path_prefix: /spooky.test.Demo/ }\n    upstream: grpc\n  - upstream: web\n";
-    let sp = spooky(&config(&ups, routes));
 
     // HTTP/3 client, gRPC framing by hand.
     let client = sp.client().await;
@@ -443,8 +438,8 @@ async fn chromium_switches_to_http3_after_alt_svc() {
     }
     let certs = certs();
     let (_b, addr) = backend("page", &certs, &[]);
-    let up = upstream_block("demo", "http3", Some(&certs), &[("b", addr)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::with_protocol("demo", "http3", Some(&certs), &[("b", addr)]);
+    let sp = spooky(&Config::new().upstream(up));
     let spki = spki_sha256_base64(&sp.dir.path().join("state/self-signed-key.pem"));
     let profile = sp.dir.path().join("chromium-profile");
     let run = || {

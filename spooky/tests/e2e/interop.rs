@@ -22,24 +22,18 @@
 //! without `gtlsclient`, and the nginx test without a C toolchain, unless
 //! SPOOKY_REQUIRE_TOOLS=1.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::netns::{self, VethPair};
+use crate::support::privilege::require_root;
+use crate::support::*;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use spooky::client::{ClientOptions, H3Client};
-use support::netns::{self, VethPair};
-use support::privilege::require_root;
-use support::*;
 
 // ---------------------------------------------------------------------------
 // 1. Downloads and an upload through 10 % loss.
@@ -53,14 +47,6 @@ const LOSS_BACKEND: &str = "127.0.0.1:7443";
 const LOSS_PERCENT: u32 = 10;
 /// Longest wait for one body frame (loss recovery included).
 const STALL: Duration = Duration::from_secs(20);
-
-/// The tests that move megabytes run one at a time: on a 2-CPU machine
-/// they would otherwise compete for the CPUs with each other.
-static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// nftables rules for one namespace: count every datagram that matches
 /// `selector` on the input hook, then drop `LOSS_PERCENT` % of them at
@@ -142,13 +128,10 @@ fn downloads_and_upload_through_ten_percent_loss_are_byte_identical() {
     let certs = certs();
     let backend_addr: SocketAddr = LOSS_BACKEND.parse().unwrap();
     let _backend = backend_in_netns(&net.server_ns, "lossy", &certs, backend_addr, &[]);
-    let config = format!(
-        "listen: {{ address: {}, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{}",
-        net.server_ip,
-        upstream_yaml("demo", &certs, &[("lossy", backend_addr)], "")
-    );
+    let config = Config::new()
+        .address(net.server_ip)
+        .workers(1)
+        .upstream(Upstream::h3("demo", &certs, &[("lossy", backend_addr)]));
     let mut sp = spooky_in_netns(&net.server_ns, &config, LOSS_SPOOKY_PORT, &[]);
 
     // Requests lose 10 % on their way into the server namespace, responses
@@ -345,13 +328,11 @@ fn access_lines(sp: &Spooky, path: &str) -> Vec<String> {
 #[tokio::test]
 async fn invalid_backend_responses_give_502_logged_with_the_backend_id() {
     let raw = raw_backend();
-    let up = upstream_block("raw", "http1", None, &[("raw-h1", raw.addr)], "");
+    let up = Upstream::new("raw")
+        .protocol("http1")
+        .backend("raw-h1", raw.addr);
     let sp = spooky_with(
-        &format!(
-            "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-             steering: {{ mode: reuseport }}\n\
-             upstreams:\n{up}"
-        ),
+        &Config::new().workers(1).upstream(up),
         // The upstream's debug line carries the reason of each failed try.
         &[(
             "RUST_LOG",
@@ -533,12 +514,11 @@ fn gtlsclient(sp: &Spooky, extra: &[&str], paths: &[&str]) -> Gtls {
 fn spooky_for_gtls() -> (Spooky, Proc, Certs) {
     let certs = certs();
     let (b, a) = backend("ng", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("ng", a)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{up}"
-    ));
+    let sp = spooky(
+        &Config::new()
+            .workers(1)
+            .upstream(Upstream::h3("demo", &certs, &[("ng", a)])),
+    );
     (sp, b, certs)
 }
 
@@ -881,13 +861,11 @@ impl Nginx {
 /// `http3` block (none: the defaults).
 fn spooky_before_nginx(certs: &Certs, nginx: &Nginx, http3: Option<&str>) -> Spooky {
     let addr: SocketAddr = format!("127.0.0.1:{}", nginx.port).parse().unwrap();
-    let extra = http3.map(|h| format!("http3: {h}")).unwrap_or_default();
-    let up = upstream_yaml("ng", certs, &[("nginx", addr)], &extra);
-    spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         upstreams:\n{up}"
-    ))
+    let mut up = Upstream::h3("ng", certs, &[("nginx", addr)]);
+    if let Some(h) = http3 {
+        up = up.field("http3", h);
+    }
+    spooky(&Config::new().workers(1).upstream(up))
 }
 
 /// A file of `n` bytes that are not a repeating pattern.

@@ -1,17 +1,35 @@
 //! Shared end-to-end test harness: real processes (spooky and demo
 //! backends from the built binary), real sockets on loopback, and helpers
-//! to read a process's memory.
+//! to read a process's memory; the config builder (`config`) and polling
+//! with deadlines (`wait`). The benches include it too (`#[path]`), so
+//! nothing here may assume it runs under the test harness.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod netns;
+pub mod packets;
 pub mod privilege;
+pub mod wait;
+
+pub use config::{Config, Upstream, Yaml};
+pub use wait::{lines_with, metric_holds, wait_until, wait_until_async};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// The tests that keep both CPUs busy for long (interop's transfers
+/// through loss, migration's 16 downloads per mode) run one at a time: on
+/// a 2-CPU machine they would otherwise compete for the CPUs and measure
+/// the scheduler. (They were once separate test binaries, which cargo runs
+/// one after the other; in the one binary this lock keeps them apart.)
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn spooky_bin() -> &'static str {
     env!("CARGO_BIN_EXE_spooky")
@@ -40,6 +58,13 @@ impl Output {
     }
     pub fn contains(&self, needle: &str) -> bool {
         self.lines().iter().any(|l| l.contains(needle))
+    }
+    /// The lines that contain every one of `needles`.
+    pub fn matching(&self, needles: &[&str]) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .collect()
     }
     fn wait_for(&self, needle: &str, timeout: Duration, child: &mut Child, name: &str) {
         let deadline = Instant::now() + timeout;
@@ -225,26 +250,29 @@ impl Spooky {
     }
 }
 
-/// Writes `config` (with `PORT` replaced by a free port) and starts
-/// spooky; returns once every worker listens.
-pub fn spooky(config: &str) -> Spooky {
+/// Writes `config` (a [`Config`], or raw YAML; `PORT` replaced by a free
+/// port) and starts spooky; returns once every worker listens.
+pub fn spooky(config: &(impl Yaml + ?Sized)) -> Spooky {
     spooky_with(config, &[])
 }
 
-pub fn spooky_with(config: &str, env: &[(&str, &str)]) -> Spooky {
+pub fn spooky_with(config: &(impl Yaml + ?Sized), env: &[(&str, &str)]) -> Spooky {
     start_spooky(Command::new(spooky_bin()), config, free_udp_port(), env)
 }
 
 /// Writes `config` (with `PORT` replaced by `port`) next to a state dir and
 /// runs `spooky run` on it through `cmd`, waiting until every worker
 /// listens.
-fn start_spooky(mut cmd: Command, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
+fn start_spooky(
+    mut cmd: Command,
+    config: &(impl Yaml + ?Sized),
+    port: u16,
+    env: &[(&str, &str)],
+) -> Spooky {
     let dir = tempfile::tempdir().unwrap();
-    let config = config.replace("PORT", &port.to_string());
-    let path = dir.path().join("spooky.yaml");
-    std::fs::write(&path, format!("state_dir: state\n{config}")).unwrap();
+    write_config(dir.path(), config, port);
     cmd.args(["run", "-c"])
-        .arg(&path)
+        .arg(dir.path().join("spooky.yaml"))
         .env("RUST_LOG", "info,spooky::access=debug");
     for (k, v) in env {
         cmd.env(k, v);
@@ -253,24 +281,22 @@ fn start_spooky(mut cmd: Command, config: &str, port: u16, env: &[(&str, &str)])
     Spooky { proc, dir, port }
 }
 
-/// The upstream block for `backends` (id, addr) trusting `certs`.
-pub fn upstream_yaml(
-    name: &str,
-    certs: &Certs,
-    backends: &[(&str, SocketAddr)],
-    extra: &str,
-) -> String {
-    let mut s = format!(
-        "  {name}:\n    tls: {{ ca: {}, sni: localhost }}\n    backends:\n",
-        certs.cert.display()
-    );
-    for (id, addr) in backends {
-        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
+/// Writes `dir/spooky.yaml` from `config` with `PORT` replaced by `port`
+/// and the state directory `dir/state`.
+fn write_config(dir: &Path, config: &(impl Yaml + ?Sized), port: u16) {
+    let config = config.yaml().replace("PORT", &port.to_string());
+    std::fs::write(
+        dir.join("spooky.yaml"),
+        format!("state_dir: state\n{config}"),
+    )
+    .unwrap();
+}
+
+impl Spooky {
+    /// Replaces the running config file (for a reload to pick up).
+    pub fn rewrite_config(&self, config: &(impl Yaml + ?Sized)) {
+        write_config(self.dir.path(), config, self.port);
     }
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {line}\n"));
-    }
-    s
 }
 
 /// Python with aioquic (set up by `cargo xtask test`), or `None` with the
@@ -318,33 +344,6 @@ pub fn assert_pattern_at(offset: u64, data: &[u8]) {
     }
 }
 
-/// An upstream block for any protocol: `protocol` is `http3`, `http2` or
-/// `http1`; `tls` trusts `certs` (HTTP/3 needs it; HTTP/1.1 and HTTP/2
-/// without it speak cleartext).
-pub fn upstream_block(
-    name: &str,
-    protocol: &str,
-    tls: Option<&Certs>,
-    backends: &[(&str, SocketAddr)],
-    extra: &str,
-) -> String {
-    let mut s = format!("  {name}:\n    protocol: {protocol}\n");
-    if let Some(c) = tls {
-        s.push_str(&format!(
-            "    tls: {{ ca: {}, sni: localhost }}\n",
-            c.cert.display()
-        ));
-    }
-    s.push_str("    backends:\n");
-    for (id, addr) in backends {
-        s.push_str(&format!("      - {{ id: {id}, address: \"{addr}\" }}\n"));
-    }
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        s.push_str(&format!("    {line}\n"));
-    }
-    s
-}
-
 /// Starts a helper script with the test venv's Python and waits for
 /// `ready` on its output.
 pub fn python_proc(name: &str, script_name: &str, args: &[&str], ready: &str) -> Option<Proc> {
@@ -356,16 +355,38 @@ pub fn python_proc(name: &str, script_name: &str, args: &[&str], ready: &str) ->
 /// Whether an external tool is installed; with SPOOKY_REQUIRE_TOOLS=1 (set
 /// by `.ci/run`, which installs everything) a missing tool fails the test.
 pub fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found = tool_installed(tool);
     if !found {
         let required = std::env::var("SPOOKY_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
         assert!(!required, "{tool} is not installed (.ci/run installs it)");
         eprintln!("SKIP: {tool} is not installed");
     }
     found
+}
+
+/// Whether `tool` is on the PATH (no skip message, no CI rule: for the
+/// benches, which report missing tools themselves).
+pub fn tool_installed(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Makes the child of `cmd` get SIGKILL when the thread that spawns it
+/// dies, so a test or bench killed outright leaves no process behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec. PDEATHSIG survives the exec (nsenter's, then spooky's).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Starts a demo backend inside network namespace `netns`, listening on
@@ -391,7 +412,12 @@ pub fn backend_in_netns(
 /// inside network namespace `netns`; returns once every worker listens.
 /// (The returned `Spooky`'s `url`/`addr`/`client_options` name loopback:
 /// build the client's options from the namespace's addresses instead.)
-pub fn spooky_in_netns(netns: &str, config: &str, port: u16, env: &[(&str, &str)]) -> Spooky {
+pub fn spooky_in_netns(
+    netns: &str,
+    config: &(impl Yaml + ?Sized),
+    port: u16,
+    env: &[(&str, &str)],
+) -> Spooky {
     start_spooky(netns::command_in(netns, spooky_bin()), config, port, env)
 }
 
@@ -400,17 +426,7 @@ pub fn spooky_in_netns(netns: &str, config: &str, port: u16, env: &[(&str, &str)
 /// process killed outright leaves no proxy running in a namespace (the
 /// next run then removes the namespace's name, see `netns`).
 fn spawn_and_wait(mut cmd: Command, name: &str, ready: &str) -> Proc {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-    // and exec. PDEATHSIG survives the exec (nsenter's, then spooky's).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -3,17 +3,11 @@
 //! first flight with `early-data: 1` to the backend, a POST in early data
 //! gets 425, and a backend's own 425 passes through.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use bytes::{Buf, Bytes};
 use http::Request;
-use support::*;
 
 /// A QUIC client config that keeps session tickets and sends early data.
 fn client_config(sp: &Spooky) -> quinn::ClientConfig {
@@ -116,18 +110,17 @@ async fn first_then_resumed(sp: &Spooky) -> (bool, Sender, Option<quinn::ZeroRtt
     (early, sender, accepted)
 }
 
-fn config(up: &str, listen_extra: &str) -> String {
-    format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1{listen_extra} }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    )
+/// One worker in front of `up`.
+fn config(up: Upstream) -> Config {
+    Config::new().workers(1).upstream(up)
 }
 
 #[tokio::test]
 async fn early_data_serves_safe_methods_and_refuses_the_rest() {
     let certs = certs();
     let (_b, addr) = backend("a", &certs, &[]);
-    let up = upstream_yaml("app", &certs, &[("a", addr)], "");
-    let sp = spooky(&config(&up, ", early_data: true"));
+    let up = Upstream::h3("app", &certs, &[("a", addr)]);
+    let sp = spooky(&config(up).listen("early_data", true));
     let (early, mut sender, accepted) = first_then_resumed(&sp).await;
     assert!(early, "the client had a ticket and started in 0-RTT");
     // All three leave in the first flight, before the handshake
@@ -162,8 +155,8 @@ async fn early_data_serves_safe_methods_and_refuses_the_rest() {
 async fn early_data_is_off_by_default() {
     let certs = certs();
     let (_b, addr) = backend("a", &certs, &[]);
-    let up = upstream_yaml("app", &certs, &[("a", addr)], "");
-    let sp = spooky(&config(&up, ""));
+    let up = Upstream::h3("app", &certs, &[("a", addr)]);
+    let sp = spooky(&config(up));
     let (early, mut sender, accepted) = first_then_resumed(&sp).await;
     // Without early data on the server, its tickets do not allow 0-RTT.
     if early {

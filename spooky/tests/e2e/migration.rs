@@ -21,22 +21,17 @@
 //! 2-CPU machine three proxies, three backends and 48 clients at once would
 //! measure the scheduler, and the figures printed here go in the README.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::support::netns::{self, VethPair};
+use crate::support::privilege::require_root;
+use crate::support::{
+    Config, Spooky, Upstream, assert_pattern_at, backend_in_netns, certs, spooky_in_netns,
+};
 use http::Request;
 use http_body_util::BodyExt;
 use spooky::client::{ClientOptions, H3Client};
-use support::netns::{self, VethPair};
-use support::privilege::require_root;
-use support::{Spooky, assert_pattern_at, backend_in_netns, certs, spooky_in_netns, upstream_yaml};
 
 /// Concurrent clients, one QUIC connection each.
 const CLIENTS: usize = 16;
@@ -57,8 +52,6 @@ const IDLE_MS: u64 = 4000;
 const STALL: Duration = Duration::from_secs(10);
 const SPOOKY_PORT: u16 = 4433;
 const BACKEND: &str = "127.0.0.1:7443";
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn migration_with_xdp_steering_keeps_every_connection() {
@@ -182,7 +175,7 @@ fn run_mode(mode: &'static str) -> Option<ModeRun> {
     if !require_root(&format!("migration ({mode})")) {
         return None;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = crate::support::heavy();
 
     // Declared first, dropped last: the processes below die before their
     // namespaces go.
@@ -191,20 +184,16 @@ fn run_mode(mode: &'static str) -> Option<ModeRun> {
     let backend_addr: SocketAddr = BACKEND.parse().unwrap();
     let _backend = backend_in_netns(&net.server_ns, "b1", &certs, backend_addr, &[]);
 
-    let steering = if mode == "xdp" {
-        format!("{{ mode: xdp, interfaces: [{}] }}", net.server_if)
-    } else {
-        format!("{{ mode: {mode} }}")
-    };
-    let config = format!(
-        "listen: {{ address: {}, port: PORT, workers: 2, drain_timeout_ms: 1000 }}\n\
-         steering: {steering}\n\
-         timeouts: {{ idle_ms: {IDLE_MS} }}\n\
-         upstreams:\n{}\
-         routes:\n  - upstream: demo\n",
-        net.server_ip,
-        upstream_yaml("demo", &certs, &[("b1", backend_addr)], "")
-    );
+    let mut config = Config::new()
+        .address(net.server_ip)
+        .drain_timeout_ms(1000)
+        .steering_mode(mode)
+        .timeout("idle_ms", IDLE_MS)
+        .upstream(Upstream::h3("demo", &certs, &[("b1", backend_addr)]))
+        .route("demo");
+    if mode == "xdp" {
+        config = config.steering("interfaces", format!("[{}]", net.server_if));
+    }
     let mut sp = spooky_in_netns(&net.server_ns, &config, SPOOKY_PORT, &[]);
     let ready = sp
         .proc
@@ -497,14 +486,13 @@ struct NewPathBytes {
 async fn a_migrated_path_gets_at_most_three_times_before_validation() {
     use std::sync::atomic::Ordering::Relaxed;
     let certs = certs();
-    let (_backend, backend_addr) = support::backend("b1", &certs, &[]);
-    let sp = support::spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\n\
-         steering: {{ mode: reuseport }}\n\
-         log: {{ access: false }}\n\
-         upstreams:\n{}",
-        upstream_yaml("demo", &certs, &[("b1", backend_addr)], "")
-    ));
+    let (_backend, backend_addr) = crate::support::backend("b1", &certs, &[]);
+    let sp = crate::support::spooky(
+        &Config::new()
+            .workers(1)
+            .access_log(false)
+            .upstream(Upstream::h3("demo", &certs, &[("b1", backend_addr)])),
+    );
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let old_path = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let new_path = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -554,7 +542,7 @@ async fn a_migrated_path_gets_at_most_three_times_before_validation() {
         ..Default::default()
     };
     let client = H3Client::connect(&sp.url("/"), &opts).await.unwrap();
-    let mut body = support::get_ok_body(&client, "/bytes/67108864").await;
+    let mut body = crate::support::get_ok_body(&client, "/bytes/67108864").await;
     // Read until spooky's datagrams stop arriving, then give the client's
     // probes and spooky's answers on the new path two seconds.
     let reading = async { while let Some(Ok(_)) = body.frame().await {} };

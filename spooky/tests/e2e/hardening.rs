@@ -4,18 +4,12 @@
 //! that keeps every byte spooky sends it: an HTTP/3 → HTTP/1.1 hop is
 //! where a malformed request turns into request smuggling.
 
-// A test target: its helpers outside #[test] fns (support/, fixtures) fail
-// the test by unwrapping, as the #[test] fns themselves may (clippy.toml).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const H3_MESSAGE_ERROR: u64 = 0x010e;
 
@@ -207,12 +201,16 @@ fn send_raw_with(sp: &Spooky, fields: &[(&str, &str)], data: &[&str], how: Send)
     serde_yaml::from_str(line).unwrap_or_else(|e| panic!("bad outcome line {line:?}: {e}"))
 }
 
+/// The recorder as an HTTP/1.1 cleartext upstream.
+fn recorded(recorder: &Recorder) -> Upstream {
+    Upstream::new("recorded")
+        .protocol("http1")
+        .backend("rec", recorder.addr)
+}
+
 /// spooky in front of the recorder, over HTTP/1.1 cleartext.
 fn spooky_before(recorder: &Recorder) -> Spooky {
-    let up = upstream_block("recorded", "http1", None, &[("rec", recorder.addr)], "");
-    spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    ))
+    spooky(&Config::new().workers(1).upstream(recorded(recorder)))
 }
 
 /// A recording HTTP/1.1 backend, spooky in front of it and the
@@ -588,10 +586,11 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
     }
     let certs = certs();
     let (_backend, addr) = backend("sink", &certs, &[]);
-    let up = upstream_yaml("demo", &certs, &[("sink", addr)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nupstreams:\n{up}"
-    ));
+    let sp = spooky(&Config::new().workers(1).upstream(Upstream::h3(
+        "demo",
+        &certs,
+        &[("sink", addr)],
+    )));
     let authority = format!("localhost:{}", sp.port);
     let declaring =
         |n: &'static str| pseudo_with("POST", &authority, "/sink", &[("content-length", n)]);
@@ -610,15 +609,13 @@ fn content_length_mismatch_never_completes_on_an_http3_backend() {
     let got = send_raw(&sp, &declaring("5"), &["hello"]);
     assert_eq!(got.status, Some(200), "{got:?}");
     assert!(got.body.starts_with("received 5 bytes"), "{got:?}");
-    // Access-log lines are written when the response body ends.
-    std::thread::sleep(Duration::from_millis(100));
-    let sinks: Vec<String> = sp
-        .proc
-        .out
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("spooky::access") && l.contains("path=/sink"))
-        .collect();
+    // Access-log lines are written when the response body ends: one per
+    // request sent above.
+    let sinks = wait_until(
+        "an access-log line for each of the 4 requests to /sink",
+        Duration::from_secs(10),
+        || lines_with(&sp.proc.out, &["spooky::access", "path=/sink"], 4),
+    );
     assert_eq!(sinks.len(), 4, "{sinks:#?}");
     let ok = sinks.iter().filter(|l| l.contains("status=200")).count();
     assert_eq!(ok, 1, "only the exact body may complete: {sinks:#?}");
@@ -842,10 +839,13 @@ struct AttackOutcome {
 /// metrics) and a short header timeout.
 fn hostile_spooky(recorder: &Recorder) -> (Spooky, u16) {
     let admin = free_tcp_port();
-    let up = upstream_block("recorded", "http1", None, &[("rec", recorder.addr)], "");
-    let sp = spooky(&format!(
-        "listen: {{ address: 127.0.0.1, port: PORT, workers: 1 }}\nsteering: {{ mode: reuseport }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nlimits: {{ request_header_timeout_ms: 1500 }}\nupstreams:\n{up}"
-    ));
+    let sp = spooky(
+        &Config::new()
+            .workers(1)
+            .admin(admin)
+            .limit("request_header_timeout_ms", 1500)
+            .upstream(recorded(recorder)),
+    );
     (sp, admin)
 }
 
