@@ -658,8 +658,11 @@ fn ngtcp2_client_download_across_a_key_update() {
         .windows(2)
         .filter(|w| w[0] != w[1])
         .count();
-    // quinn's own update and the client's: the phase moved at least twice.
-    assert!(phase_changes >= 2, "{phase_changes} key-phase changes");
+    // The client's update moved the phase of what spooky sends at least
+    // once. quinn's own early update usually adds a second change, but not
+    // always: its random trigger can fall after the client's update, when
+    // quinn may not start another yet (runs saw 1 change in about 1 in 4).
+    assert!(phase_changes >= 1, "{phase_changes} key-phase changes");
     eprintln!(
         "gtlsclient key update: confirmed after {attempts} run(s); {phase_changes} key-phase changes \
          seen (spooky's own included); {} MiB in {:.2} s",
