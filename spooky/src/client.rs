@@ -166,12 +166,8 @@ impl H3Client {
                     ClientError::Request(format!("no response within {t:?}"))
                 }
                 ExchangeError::Stream(e) => ClientError::Request(e.to_string()),
-                ExchangeError::BodyTooLarge(n) => {
-                    ClientError::Request(format!("body over {n} bytes"))
-                }
-                ExchangeError::BodyAborted(r) | ExchangeError::BodyMalformed(r) => {
-                    ClientError::Request(r)
-                }
+                ExchangeError::ClientBody(fault) => ClientError::Request(fault.to_string()),
+                ExchangeError::BodyAborted(r) => ClientError::Request(r),
             })
     }
 

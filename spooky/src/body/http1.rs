@@ -66,16 +66,3 @@ fn framing_error(e: &hyper::Error) -> Option<String> {
         .is_none_or(|inner| inner.downcast_ref::<rustls::Error>().is_none());
     framing.then(|| io.to_string())
 }
-
-/// The reason, when an error (anywhere in its source chain) is ours saying
-/// the client's request body was malformed.
-pub fn malformed_body(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(BodyError::Malformed(reason)) = e.downcast_ref::<BodyError>() {
-            return Some(reason.clone());
-        }
-        cur = e.source();
-    }
-    None
-}

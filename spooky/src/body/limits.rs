@@ -119,19 +119,6 @@ where
     }
 }
 
-/// The limit, when an error (anywhere in its source chain) is ours saying
-/// the body was too large.
-pub fn too_large_limit(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(BodyError::TooLarge { limit }) = e.downcast_ref::<BodyError>() {
-            return Some(*limit);
-        }
-        cur = e.source();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
@@ -153,7 +140,10 @@ mod tests {
     async fn limited_fails_past_the_limit() {
         let mut body = Limited::new(full(vec![0u8; 10]), 9);
         let err = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(too_large_limit(err.as_ref()), Some(9));
+        assert_eq!(
+            crate::body::ClientBodyFault::find(err.as_ref()),
+            Some(crate::body::ClientBodyFault::TooLarge { limit: 9 })
+        );
         let mut ok = Limited::new(full(vec![0u8; 10]), 10);
         assert_eq!(next_data_len(&mut ok).await, 10);
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::body::ClientBodyFault;
 use crate::health::Rejected;
 use crate::tls;
 
@@ -43,13 +44,11 @@ pub enum UpstreamError {
     /// No response headers within the request timeout.
     #[error("{backend} sent no response headers within {after:?}")]
     Timeout { backend: String, after: Duration },
-    /// The request body exceeded `limits.max_body_bytes`.
-    #[error("request body exceeds the {limit}-byte limit")]
-    BodyTooLarge { limit: u64 },
-    /// The client's request body framing is invalid (HTTP/1.1 chunked
-    /// encoding): the client's error, not the backend's.
-    #[error("malformed request body: {reason}")]
-    MalformedBody { reason: String },
+    /// The client's request body was at fault (too large, malformed,
+    /// trailers too slow or too large): the client's error, not the
+    /// backend's.
+    #[error("{0}")]
+    ClientBody(ClientBodyFault),
     /// The downstream client went away while the request was in flight.
     #[error("client aborted the request: {0}")]
     ClientAborted(String),
@@ -62,8 +61,14 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            UpstreamError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            UpstreamError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
+            UpstreamError::ClientBody(fault) => match fault {
+                ClientBodyFault::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                ClientBodyFault::Malformed(_) => StatusCode::BAD_REQUEST,
+                ClientBodyFault::TrailersTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+                ClientBodyFault::TrailersTooLarge { .. } => {
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                }
+            },
             UpstreamError::Resolve { .. }
             | UpstreamError::Connect { .. }
             | UpstreamError::Backoff { .. }
@@ -151,8 +156,16 @@ pub(super) fn short_detail(e: &UpstreamError) -> String {
         UpstreamError::Timeout { after, .. } => {
             format!("backend sent no response within {} ms", after.as_millis())
         }
-        UpstreamError::BodyTooLarge { limit } => format!("request body exceeds {limit} bytes"),
-        UpstreamError::MalformedBody { .. } => "malformed request body".into(),
+        UpstreamError::ClientBody(fault) => match fault {
+            ClientBodyFault::TooLarge { limit } => format!("request body exceeds {limit} bytes"),
+            ClientBodyFault::Malformed(_) => "malformed request body".into(),
+            ClientBodyFault::TrailersTimeout(after) => {
+                format!("trailers not received within {} ms", after.as_millis())
+            }
+            ClientBodyFault::TrailersTooLarge { max } => {
+                format!("trailers exceed {max} bytes")
+            }
+        },
         UpstreamError::ClientAborted(_) => "client aborted the request".into(),
     }
 }

@@ -293,9 +293,7 @@ async fn try_backend(
     };
     let local = matches!(
         error,
-        UpstreamError::ClientAborted(_)
-            | UpstreamError::BodyTooLarge { .. }
-            | UpstreamError::MalformedBody { .. }
+        UpstreamError::ClientAborted(_) | UpstreamError::ClientBody(_)
     );
     if !local {
         let c = &backend.counters;

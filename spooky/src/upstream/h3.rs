@@ -13,7 +13,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::body::{self, H3Body, H3SendHalf, ProxyBody, SendBodyError};
+use crate::body::{self, ClientBodyFault, H3Body, H3SendHalf, ProxyBody, SendBodyError};
 use crate::config::{BackendAddr, file::PoolConfig};
 
 use super::error::UpstreamError;
@@ -166,9 +166,8 @@ impl BackendPool {
                     after,
                 },
                 ExchangeError::Stream(e) => self.classify_stream_error(&conn, e),
-                ExchangeError::BodyTooLarge(limit) => UpstreamError::BodyTooLarge { limit },
+                ExchangeError::ClientBody(fault) => UpstreamError::ClientBody(fault),
                 ExchangeError::BodyAborted(reason) => UpstreamError::ClientAborted(reason),
-                ExchangeError::BodyMalformed(reason) => UpstreamError::MalformedBody { reason },
             };
             (err, None)
         })
@@ -399,12 +398,10 @@ pub enum ExchangeError {
     Timeout(Duration),
     /// The stream (or its connection) failed before response headers.
     Stream(h3::error::StreamError),
-    /// The request body exceeded its limit (the stream was reset).
-    BodyTooLarge(u64),
-    /// The request body's source failed (the stream was reset).
+    /// The client's request body was at fault (the stream was reset).
+    ClientBody(ClientBodyFault),
+    /// The request body's source failed otherwise (the stream was reset).
     BodyAborted(String),
-    /// The client's request body framing was invalid (the stream was reset).
-    BodyMalformed(String),
 }
 
 /// Runs one exchange on a freshly opened request stream: the request body
@@ -427,13 +424,9 @@ pub async fn exchange(
         match body::send_h3(body, &mut half).await {
             Ok(_) => {}
             Err(SendBodyError::Source(e)) => {
-                let err = match (
-                    body::too_large_limit(e.as_ref()),
-                    body::malformed_body(e.as_ref()),
-                ) {
-                    (Some(limit), _) => ExchangeError::BodyTooLarge(limit),
-                    (None, Some(reason)) => ExchangeError::BodyMalformed(reason),
-                    (None, None) => ExchangeError::BodyAborted(e.to_string()),
+                let err = match ClientBodyFault::find(e.as_ref()) {
+                    Some(fault) => ExchangeError::ClientBody(fault),
+                    None => ExchangeError::BodyAborted(e.to_string()),
                 };
                 debug!(error = ?err, "request body failed; upstream stream reset");
                 let _ = failed_tx.send(err);

@@ -351,11 +351,8 @@ impl TcpPool {
     fn classify(&self, e: hyper_util::client::legacy::Error) -> UpstreamError {
         let backend = self.label.clone();
         let chain = error_chain(&e);
-        if let Some(limit) = body::too_large_limit(&e) {
-            return UpstreamError::BodyTooLarge { limit };
-        }
-        if let Some(reason) = body::malformed_body(&e) {
-            return UpstreamError::MalformedBody { reason };
+        if let Some(fault) = body::ClientBodyFault::find(&e) {
+            return UpstreamError::ClientBody(fault);
         }
         if e.is_connect() {
             let timed_out = find::<ConnectError>(&e).and_then(|c| match c {

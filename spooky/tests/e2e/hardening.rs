@@ -960,6 +960,8 @@ fn a_headers_frame_above_the_field_section_limit_is_refused_unread() {
         return;
     };
     assert_eq!(o.status, Some(431), "{o:?}");
+    // ... and spooky stops reading the stream rather than drain 4 GiB.
+    assert!(o.stop_sending.is_some() || o.reset.is_some(), "{o:?}");
     assert!(o.closed.is_none(), "only the stream is refused: {o:?}");
     assert!(o.seconds < 5.0, "{o:?}");
 }
@@ -971,10 +973,9 @@ fn trailers_above_the_field_section_limit_are_refused_unread() {
         return;
     };
     assert!(o.closed.is_none(), "only the stream is refused: {o:?}");
-    assert!(
-        o.reset.is_some() || o.stop_sending.is_some() || o.status.is_some(),
-        "{o:?}"
-    );
+    // The client's fault, not the backend's: 431, as for a head too large.
+    eprintln!("OUTCOME {o:?}");
+    assert_eq!(o.status, Some(431), "{o:?}");
     assert!(
         o.acked < 2 << 20,
         "spooky took {} bytes first: {o:?}",
@@ -992,7 +993,8 @@ fn trailers_trickled_a_byte_at_a_time_meet_the_header_timeout() {
     assert!(!o.timeout, "{o:?}");
     assert!(o.seconds < 10.0, "{o:?}");
     assert!(o.closed.is_none(), "only the stream ends: {o:?}");
-    assert_ne!(o.status, Some(200), "{o:?}");
+    // The client's fault: 408, as nginx answers a body that stalls.
+    assert_eq!(o.status, Some(408), "{o:?}");
     // Head and DATA are ~140 bytes; all 200 trailer bytes never went out.
     assert!(o.sent < 200, "{o:?}");
 }
