@@ -3,6 +3,7 @@
 //! workers' `SO_REUSEPORT` sockets in worker order, and owns the XDP
 //! control plane while it runs.
 
+mod netlink;
 pub mod reuseport;
 pub mod xdp;
 
