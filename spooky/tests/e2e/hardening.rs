@@ -687,25 +687,6 @@ async fn http2_clients_get_400_for_what_h2_lets_through() {
     assert_no_panic(&sp);
 }
 
-/// A TLS connection to spooky's TCP listener offering `alpn`.
-async fn tcp_tls(
-    sp: &Spooky,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tls = spooky::tls::client_config(
-        &spooky::tls::Verification::CaFile(sp.cert()),
-        rustls::DEFAULT_VERSIONS,
-        alpn,
-        None,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 /// Writes `request` on a fresh HTTP/1.1 connection and reads until the
 /// connection ends or the response head and `connection: close` are in
 /// (bounded: 10 s, 64 KiB).

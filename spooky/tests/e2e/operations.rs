@@ -802,25 +802,6 @@ async fn admin_accepts_the_bearer_scheme_in_any_case() {
     }
 }
 
-/// A TLS connection to spooky's TCP listener offering `alpn`.
-async fn tcp_tls_to(
-    sp: &Spooky,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tls = spooky::tls::client_config(
-        &spooky::tls::Verification::CaFile(sp.cert()),
-        rustls::DEFAULT_VERSIONS,
-        alpn,
-        None,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 /// Reads one HTTP/1.1 response (content-length or chunked) from `s`;
 /// bounded by 10 s and 1 MiB.
 async fn read_h1_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
@@ -910,7 +891,7 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
     // The busy connection: one request of 2.5 s, more than 3× the idle
     // timeout.
     let busy = {
-        let stream = tcp_tls_to(&sp, &[b"h2"]).await;
+        let stream = tcp_tls(&sp, &[b"h2"]).await;
         let url = sp.url("/delay/2500");
         tokio::spawn(async move {
             let (client, conn) = h2::client::handshake(stream).await.unwrap();
@@ -930,7 +911,7 @@ async fn idle_http2_connections_get_goaway_but_busy_ones_stay() {
     };
 
     // The idle one, frame by frame.
-    let mut s = tcp_tls_to(&sp, &[b"h2"]).await;
+    let mut s = tcp_tls(&sp, &[b"h2"]).await;
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
@@ -1010,7 +991,7 @@ async fn http1_idle_and_header_read_timeouts() {
         &config(Upstream::h3("app", &certs, &[("a", a)]), admin_port)
             .limit("connection_idle_timeout_ms", 800),
     );
-    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    let mut s = tcp_tls(&sp, &[b"http/1.1"]).await;
     s.write_all(get).await.unwrap();
     let resp = read_h1_response(&mut s).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -1027,14 +1008,14 @@ async fn http1_idle_and_header_read_timeouts() {
             .limit("connection_idle_timeout_ms", 60000),
     );
     // A fresh connection that never finishes its head.
-    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    let mut s = tcp_tls(&sp, &[b"http/1.1"]).await;
     s.write_all(b"GET / HTTP/1.1\r\nhost: loc").await.unwrap();
     let took = time_to_close(&mut s, Duration::from_secs(5)).await;
     let took = took.expect("a stalled head was not cut off within 5 s");
     assert!(took >= Duration::from_millis(500), "{took:?}");
     // A kept-alive connection waits longer than the header timeout between
     // requests, then stalls in its second head.
-    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    let mut s = tcp_tls(&sp, &[b"http/1.1"]).await;
     s.write_all(get).await.unwrap();
     assert!(read_h1_response(&mut s).await.starts_with("HTTP/1.1 200"));
     assert_eq!(
@@ -1065,7 +1046,7 @@ async fn max_connection_age_closes_busy_connections_gracefully() {
     );
 
     // HTTP/2: a 2.5 s request on a connection that reaches its age at 1 s.
-    let stream = tcp_tls_to(&sp, &[b"h2"]).await;
+    let stream = tcp_tls(&sp, &[b"h2"]).await;
     let (client, conn) = h2::client::handshake(stream).await.unwrap();
     let conn = tokio::spawn(conn);
     let mut client = client.ready().await.unwrap();
@@ -1088,7 +1069,7 @@ async fn max_connection_age_closes_busy_connections_gracefully() {
 
     // HTTP/1.1: the response to the in-flight request says
     // `connection: close`, then the connection closes.
-    let mut s = tcp_tls_to(&sp, &[b"http/1.1"]).await;
+    let mut s = tcp_tls(&sp, &[b"http/1.1"]).await;
     s.write_all(b"GET /delay/2500 HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();

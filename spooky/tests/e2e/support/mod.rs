@@ -533,3 +533,23 @@ pub async fn get_ok_body(client: &spooky::client::H3Client, path: &str) -> spook
     assert_eq!(resp.status(), 200, "GET {path}");
     resp.into_body()
 }
+
+/// A TLS connection to spooky's TCP listener offering `alpn`, trusting
+/// spooky's certificate.
+pub async fn tcp_tls(
+    sp: &Spooky,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = spooky::tls::client_config(
+        &spooky::tls::Verification::CaFile(sp.cert()),
+        rustls::DEFAULT_VERSIONS,
+        alpn,
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(sp.addr()).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
