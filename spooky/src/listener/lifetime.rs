@@ -15,12 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
-
-use crate::body::{BoxError, ProxyBody};
 
 /// `head_started` when no request head is arriving.
 const NONE: u64 = u64::MAX;
@@ -150,42 +146,6 @@ pub struct RequestGuard(Arc<ConnState>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.request_ended();
-    }
-}
-
-/// A response body that keeps its request in flight until it is done or
-/// dropped (hyper drops it once it has written the last frame).
-pub struct GuardedBody {
-    inner: ProxyBody,
-    _guard: RequestGuard,
-}
-
-impl GuardedBody {
-    pub fn new(inner: ProxyBody, guard: RequestGuard) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use super::lifetime::{self, ConnState, Expiry, GuardedBody, Watched};
+use super::lifetime::{self, ConnState, Expiry, Watched};
 use super::{Activity, Counted, GaugeGuard};
 use crate::body::{self, Http1Framing, IdleTimeout};
 use crate::limits::{ConnectionSlot, ConnectionsPerClient};
@@ -198,8 +198,10 @@ async fn serve_connection(
             // covers what it lets through (see `validate`). HTTP/1.1 has
             // its own framing rules, enforced by hyper's parser; `validate`
             // adds the `host` rules hyper does not enforce.
+            // The request stays in flight until its response body ends
+            // or is dropped (hyper drops it after the last frame).
             let guarded = |resp: Response<body::ProxyBody>| {
-                resp.map(|b| body::boxed(GuardedBody::new(b, in_flight)))
+                resp.map(|b| body::boxed(body::Guarded::new(b, Box::new(in_flight))))
             };
             match validate::validate(&parts, version) {
                 Ok(v) => validate::normalize_content_length(&mut parts.headers, v),
