@@ -66,16 +66,18 @@ impl WorkerUpstreams {
             headers: &parts.headers,
         };
         let replay = Replayable::new(body, retry.buffer_body_limit);
+        // One clock read per step: the loop starts at `now`, and each try
+        // reports the instant it ended.
+        let mut now = Instant::now();
         let mut tries = RetryLoop::new(
             retry,
             &shared.retry_budget,
             &parts.method,
             shared.cfg.timeouts.request,
-            Instant::now(),
+            now,
         );
         // The balancer's view of the last choice, for the sticky cookie.
         let mut views: Vec<BackendView<'_>> = Vec::with_capacity(shared.backends.len());
-        let mut now = Instant::now();
         let end = loop {
             let step = tries.next(now, &mut rand::rng(), |now, tried| {
                 choose(up, &info, &mut views, now, tried)
@@ -104,7 +106,7 @@ impl WorkerUpstreams {
                     {
                         debug!(backend = %b.label, status, "retrying on another backend");
                     }
-                    now = Instant::now();
+                    now = at;
                 }
                 Ok(end @ (Step::Respond { .. } | Step::Fail { .. })) => break Ok(end),
                 Err(e) => break Err(e),
