@@ -103,6 +103,10 @@ struct Upgrader {
     group: Arc<Mutex<UdpGroup>>,
     listening: Listening,
     xdp: Option<Arc<Mutex<XdpSteering>>>,
+    /// XDP links of an earlier generation that this one does not steer
+    /// with (it runs without XDP): passed on, so that a later XDP
+    /// generation can take them over while that generation still drains.
+    carried_links: Vec<InheritedLink>,
     /// Whether this process is the newest: it alone rewrites the
     /// selection program.
     managing: AtomicBool,
@@ -135,9 +139,19 @@ impl Upgrader {
         if let Some(fd) = &self.listening.control {
             fds.push((FdRole::Control, dup(fd)?));
         }
+        let mut links = Vec::new();
+        for l in &self.carried_links {
+            links.push(InheritedLink {
+                interface: l.interface.clone(),
+                mode: l.mode,
+                link: dup(&l.link)?,
+            });
+        }
         if let Some(x) = &self.xdp {
-            let x = x.lock().map_err(|_| poisoned())?;
-            for l in x.links()? {
+            links.extend(x.lock().map_err(|_| poisoned())?.links()?);
+        }
+        {
+            for l in links {
                 fds.push((
                     FdRole::XdpLink {
                         interface: l.interface,
@@ -152,7 +166,7 @@ impl Upgrader {
 
     /// Starts a successor and hands everything over; on failure takes it
     /// all back. Blocking: run it off the runtime.
-    fn upgrade(&self, req: &UpgradeRequest) -> Result<(u32, u8), UpgradeError> {
+    fn upgrade(&self, req: &UpgradeRequest) -> Result<Upgraded, UpgradeError> {
         if self.mode == Effective::Off {
             return Err(UpgradeError::ModeOff);
         }
@@ -164,7 +178,7 @@ impl Upgrader {
         result
     }
 
-    fn upgrade_once(&self, req: &UpgradeRequest) -> Result<(u32, u8), UpgradeError> {
+    fn upgrade_once(&self, req: &UpgradeRequest) -> Result<Upgraded, UpgradeError> {
         let binary = match &req.binary {
             Some(b) => b.clone(),
             None => upgrade::default_binary()?,
@@ -175,7 +189,7 @@ impl Upgrader {
         let mut successor = Successor::spawn(&binary, &handover)?;
         drop(handover);
         let pid = successor.pid;
-        let generation = match successor.wait_ready(timeout) {
+        let (generation, workers) = match successor.wait_ready(timeout) {
             Ok(g) => g,
             Err(e) => {
                 successor.abort();
@@ -189,7 +203,11 @@ impl Upgrader {
             return Err(e);
         }
         successor.release();
-        Ok((pid, generation))
+        Ok(Upgraded {
+            pid,
+            generation,
+            workers,
+        })
     }
 
     /// After a successor failed past the go-ahead: this process's own
@@ -224,6 +242,13 @@ impl Upgrader {
             }
         }
     }
+}
+
+/// The successor that took over.
+struct Upgraded {
+    pid: u32,
+    generation: u8,
+    workers: u32,
 }
 
 fn poisoned() -> UpgradeError {
@@ -499,6 +524,13 @@ fn start(
             control: control_listener.try_clone().ok().map(OwnedFd::from),
         },
         xdp: xdp.clone(),
+        carried_links: if mode == Effective::Xdp {
+            Vec::new()
+        } else {
+            inherited
+                .map(|i| std::mem::take(&mut i.links))
+                .unwrap_or_default()
+        },
         managing: AtomicBool::new(predecessor.is_none()),
         in_progress: AtomicBool::new(false),
     });
@@ -528,7 +560,7 @@ impl Running {
         // Started by an upgrade: take new connections only once the
         // predecessor has stepped back.
         if let Some(p) = predecessor {
-            match p.ready(self.generation, Duration::from_secs(30)) {
+            match p.ready(self.generation, self.n as u32, Duration::from_secs(30)) {
                 Ok(upgrade::Go::Go) => {}
                 Ok(upgrade::Go::PredecessorGone) => {
                     warn!(pid = p.pid, "the previous process is gone; taking over")
@@ -844,7 +876,7 @@ async fn serve_signals(
             .await
             .unwrap_or_else(|e| Err(UpgradeError::Protocol(e.to_string())));
         let reply = match &result {
-            Ok((pid, generation)) => {
+            Ok(u) => {
                 crate::metrics::LIVE
                     .upgrades
                     .with_label_values(&["ok"])
@@ -852,7 +884,10 @@ async fn serve_signals(
                 UpgradeReply {
                     ok: true,
                     message: format!(
-                        "upgraded: pid {pid} (generation {generation}) serves; pid {} drains",
+                        "upgraded: pid {} (generation {}, {} workers) serves; pid {} drains",
+                        u.pid,
+                        u.generation,
+                        u.workers,
                         std::process::id()
                     ),
                 }
@@ -877,8 +912,11 @@ async fn serve_signals(
                 tokio::task::spawn_blocking(move || upgrade::control::write_reply(&stream, &reply))
                     .await;
         }
-        if let Ok((pid, generation)) = result {
-            return Outcome::HandedOver { pid, generation };
+        if let Ok(u) = result {
+            return Outcome::HandedOver {
+                pid: u.pid,
+                generation: u.generation,
+            };
         }
     }
 }

@@ -89,6 +89,7 @@ enum Message {
     Ready {
         pid: u32,
         generation: u8,
+        workers: u32,
     },
     Go,
     Serving,
@@ -240,9 +241,16 @@ impl Successor {
             channel: mine,
             pid,
         };
+        match successor.offer(handover) {
+            Ok(()) => Ok(successor),
+            Err(e) => Err(successor.failed_early(e)),
+        }
+    }
+
+    fn offer(&self, handover: &Handover) -> Result<(), UpgradeError> {
         let roles = handover.fds.iter().map(|(r, _)| r.clone()).collect();
         send(
-            &successor.channel,
+            &self.channel,
             &Message::Offer {
                 from_pid: std::process::id(),
                 plan: handover.plan.clone(),
@@ -252,12 +260,32 @@ impl Successor {
         )?;
         for chunk in handover.fds.chunks(fdpass::MAX_FDS) {
             let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| fd.as_fd()).collect();
-            send(&successor.channel, &Message::Fds, &fds)?;
+            send(&self.channel, &Message::Fds, &fds)?;
         }
-        Ok(successor)
+        Ok(())
     }
 
-    /// Waits for the message `want` until `deadline`, noticing an exit.
+    /// The offer could not be sent: usually the new process has exited
+    /// already (its end of the channel is closed). Says so when it has,
+    /// and makes sure it is gone either way.
+    fn failed_early(mut self, e: UpgradeError) -> UpgradeError {
+        match e {
+            UpgradeError::Channel(ref io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.exited()
+            }
+            other => {
+                self.abort();
+                other
+            }
+        }
+    }
+
+    /// Waits for the next message until `deadline`, noticing an exit.
     fn wait_for(&mut self, deadline: Instant, total: Duration) -> Result<Message, UpgradeError> {
         loop {
             let now = Instant::now();
@@ -270,12 +298,13 @@ impl Successor {
                     return Err(UpgradeError::Failed(reason));
                 }
                 Ok(Some((m, _))) => return Ok(m),
-                Ok(None) => {
-                    let status = self
-                        .child
-                        .wait()
-                        .map_or_else(|e| e.to_string(), |s| s.to_string());
-                    return Err(UpgradeError::Exited(status));
+                Ok(None) => return Err(self.exited()),
+                // A peer that exited with our messages unread resets the
+                // channel instead of closing it.
+                Err(UpgradeError::Channel(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    return Err(self.exited());
                 }
                 Err(UpgradeError::Channel(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
                     if let Ok(Some(status)) = self.child.try_wait() {
@@ -287,10 +316,33 @@ impl Successor {
         }
     }
 
-    /// Waits until the successor's workers run; returns its generation.
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<u8, UpgradeError> {
+    /// The child closed its end of the channel: its exit status (killed
+    /// if it has not exited within a second).
+    fn exited(&mut self) -> UpgradeError {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return UpgradeError::Exited(status.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        UpgradeError::Exited(format!("closed the upgrade channel; killed: {status}"))
+    }
+
+    /// Waits until the successor's workers run; returns its generation
+    /// and worker count.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(u8, u32), UpgradeError> {
         match self.wait_for(Instant::now() + timeout, timeout)? {
-            Message::Ready { generation, .. } => Ok(generation),
+            Message::Ready {
+                generation,
+                workers,
+                ..
+            } => Ok((generation, workers)),
             other => Err(UpgradeError::Protocol(format!("{other:?} before Ready"))),
         }
     }
@@ -397,10 +449,16 @@ impl Predecessor {
     }
 
     /// Reports the workers ready and waits for the go-ahead.
-    pub fn ready(&self, generation: u8, timeout: Duration) -> Result<Go, UpgradeError> {
+    pub fn ready(
+        &self,
+        generation: u8,
+        workers: u32,
+        timeout: Duration,
+    ) -> Result<Go, UpgradeError> {
         let ready = Message::Ready {
             pid: std::process::id(),
             generation,
+            workers,
         };
         match send(&self.channel, &ready, &[]) {
             Err(UpgradeError::Channel(e))
@@ -484,7 +542,7 @@ mod tests {
         assert!(got.take_admin(tcp_addr).is_none());
 
         // Ready, then the predecessor's go-ahead.
-        let waiter = std::thread::spawn(move || pred.ready(4, Duration::from_secs(5)));
+        let waiter = std::thread::spawn(move || pred.ready(4, 2, Duration::from_secs(5)));
         let (m, _) = recv(&a, Duration::from_secs(5)).unwrap().unwrap();
         assert!(matches!(m, Message::Ready { generation: 4, .. }), "{m:?}");
         send(&a, &Message::Go, &[]).unwrap();
@@ -497,7 +555,7 @@ mod tests {
         let pred = Predecessor { channel: b, pid: 1 };
         drop(a);
         assert!(matches!(
-            pred.ready(0, Duration::from_secs(1)),
+            pred.ready(0, 1, Duration::from_secs(1)),
             Ok(Go::PredecessorGone)
         ));
     }
