@@ -284,6 +284,10 @@ async fn run(
         let _ = tokio::time::timeout(Duration::from_millis(100), t).await;
     }
     let deadline = tokio::time::Instant::now() + proxy.load().config.drain_timeout;
+    // Progress every 5 s: after an upgrade this is how an operator follows
+    // the old generation (its admin listener belongs to the new one).
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
     loop {
         let conns = activity.connections.load(Ordering::Acquire);
         let reqs = activity.requests.load(Ordering::Acquire);
@@ -298,7 +302,15 @@ async fn run(
             debug!(worker = id, connections = conns, "drained");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = progress.tick() => info!(
+                worker = id,
+                requests = reqs,
+                connections = conns,
+                "draining"
+            ),
+        }
     }
     endpoint.close(quinn::VarInt::from_u32(0x100), b"shutting down");
     proxy.load().upstreams.close_all();

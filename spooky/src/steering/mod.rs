@@ -52,10 +52,10 @@ pub enum SteeringError {
         source: io::Error,
     },
     #[error(
-        "UDP {addr} is already in use (another spooky still draining, or another program). \
-         Steering needs spooky's worker sockets alone in their reuseport group (the CBPF program \
-         picks sockets by position, and SO_INCOMING_CPU by CPU): stop the other process first, \
-         or set steering.mode: off"
+        "UDP {addr} is already in use (another spooky, or another program). To replace a \
+         running spooky without dropping connections, run `spooky upgrade` instead of a second \
+         `spooky run`. Otherwise steering needs spooky's worker sockets alone in their reuseport \
+         group (the selection program picks sockets by position): stop the other process first"
     )]
     PortInUse { addr: SocketAddr },
     #[error(transparent)]

@@ -237,6 +237,8 @@ async fn upgrades_keep_every_connection(t: Target) -> Vec<u32> {
     .await;
 
     let mut pids = vec![first_pid];
+    // How long each `spooky upgrade` took: until the new process served.
+    let mut took = Vec::new();
     for round in 0..3 {
         let before = ok.load(Ordering::Relaxed);
         // A restart-only change rides on an upgrade: the worker count.
@@ -248,7 +250,9 @@ async fn upgrades_keep_every_connection(t: Target) -> Vec<u32> {
                 .replace("workers: 3", &format!("workers: {workers}")),
         )
         .unwrap();
+        let started = Instant::now();
         let (success, text) = run_upgrade(&config, &[]).await;
+        took.push(started.elapsed());
         assert!(success, "upgrade {round}: {text}");
         assert!(text.contains(&format!("{workers} workers")), "{text}");
         let pid = new_pid(&text);
@@ -305,7 +309,7 @@ async fn upgrades_keep_every_connection(t: Target) -> Vec<u32> {
         ok.load(Ordering::Relaxed)
     );
     eprintln!(
-        "{mode}: {DOWNLOADS}/{DOWNLOADS} downloads of {DOWNLOAD_BYTES} B intact across 3 upgrades and 1 rollback; {} new connections, 0 failed",
+        "{mode}: {DOWNLOADS}/{DOWNLOADS} downloads of {DOWNLOAD_BYTES} B intact across 3 upgrades and 3 rollbacks; {} new connections, 0 failed; the new process served after {took:?}",
         ok.load(Ordering::Relaxed)
     );
     // The old generations exit once drained (their downloads are done).
