@@ -103,6 +103,9 @@ struct Upgrader {
     group: Arc<Mutex<UdpGroup>>,
     listening: Listening,
     xdp: Option<Arc<Mutex<XdpSteering>>>,
+    /// The config generations: whose backends' overrides and health an
+    /// upgrade carries over.
+    reloader: Arc<Reloader>,
     /// XDP links of an earlier generation that this one does not steer
     /// with (it runs without XDP): passed on, so that a later XDP
     /// generation can take them over while that generation still drains.
@@ -161,7 +164,12 @@ impl Upgrader {
                 ));
             }
         }
-        Ok(Handover { plan, fds })
+        let backends = upgrade::carry::snapshot(&self.reloader.current().upstreams);
+        Ok(Handover {
+            plan,
+            fds,
+            backends,
+        })
     }
 
     /// Starts a successor and hands everything over; on failure takes it
@@ -425,6 +433,13 @@ fn start(
             other => ServerError::Upstream(other.to_string()),
         })?
     };
+    if let Some(i) = inherited.as_deref() {
+        let matched = upgrade::carry::apply(&first.upstreams, &i.backends);
+        info!(
+            carried = i.backends.len(),
+            matched, "upgrade: backend overrides and health carried over"
+        );
+    }
     let reloader = Arc::new(Reloader::new(path, first));
     let shared = Arc::new(WorkerShared {
         layout,
@@ -524,6 +539,7 @@ fn start(
             control: control_listener.try_clone().ok().map(OwnedFd::from),
         },
         xdp: xdp.clone(),
+        reloader: reloader.clone(),
         carried_links: if mode == Effective::Xdp {
             Vec::new()
         } else {

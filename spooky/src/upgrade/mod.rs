@@ -16,6 +16,7 @@
 //!   drains and exits
 //! ```
 
+pub mod carry;
 pub mod control;
 pub mod fdpass;
 
@@ -84,6 +85,7 @@ enum Message {
         from_pid: u32,
         plan: GroupPlan,
         roles: Vec<FdRole>,
+        backends: Vec<carry::BackendCarry>,
     },
     Fds,
     Ready {
@@ -119,6 +121,7 @@ fn recv(
 pub struct Handover {
     pub plan: GroupPlan,
     pub fds: Vec<(FdRole, OwnedFd)>,
+    pub backends: Vec<carry::BackendCarry>,
 }
 
 /// What the successor received, sorted by use.
@@ -131,13 +134,20 @@ pub struct Inherited {
     pub redirect: Vec<(SocketAddr, OwnedFd)>,
     pub control: Option<OwnedFd>,
     pub links: Vec<InheritedLink>,
+    pub backends: Vec<carry::BackendCarry>,
 }
 
 impl Inherited {
-    fn sort(from_pid: u32, plan: GroupPlan, fds: Vec<(FdRole, OwnedFd)>) -> Self {
+    fn sort(
+        from_pid: u32,
+        plan: GroupPlan,
+        fds: Vec<(FdRole, OwnedFd)>,
+        backends: Vec<carry::BackendCarry>,
+    ) -> Self {
         let mut me = Inherited {
             from_pid,
             plan,
+            backends,
             udp: Vec::new(),
             worker_tcp: Vec::new(),
             admin: None,
@@ -255,6 +265,7 @@ impl Successor {
                 from_pid: std::process::id(),
                 plan: handover.plan.clone(),
                 roles,
+                backends: handover.backends.clone(),
             },
             &[],
         )?;
@@ -403,15 +414,16 @@ impl Predecessor {
             .map_err(|_| UpgradeError::Protocol(format!("{CHANNEL_ENV}={raw}")))?;
         let channel = Channel::from_inherited(raw)?;
         let timeout = Duration::from_secs(10);
-        let (from_pid, plan, roles) = match recv(&channel, timeout)? {
+        let (from_pid, plan, roles, backends) = match recv(&channel, timeout)? {
             Some((
                 Message::Offer {
                     from_pid,
                     plan,
                     roles,
+                    backends,
                 },
                 _,
-            )) => (from_pid, plan, roles),
+            )) => (from_pid, plan, roles, backends),
             other => {
                 return Err(UpgradeError::Protocol(format!(
                     "expected an offer, got {:?}",
@@ -438,7 +450,12 @@ impl Predecessor {
                 roles.len()
             )));
         }
-        let inherited = Inherited::sort(from_pid, plan, roles.into_iter().zip(fds).collect());
+        let inherited = Inherited::sort(
+            from_pid,
+            plan,
+            roles.into_iter().zip(fds).collect(),
+            backends,
+        );
         Ok((
             Predecessor {
                 channel,
@@ -521,6 +538,7 @@ mod tests {
                 from_pid: 7,
                 plan: plan.clone(),
                 roles,
+                backends: Vec::new(),
             },
             &[],
         )

@@ -188,6 +188,9 @@ struct Target {
     first_pid: u32,
     /// Change the worker count with the second upgrade (2 → 3 → 2).
     change_workers: bool,
+    /// The admin listener: an override set before the upgrades must hold
+    /// after them.
+    admin: Option<u16>,
 }
 
 /// The scenario: 32 paced downloads (a quarter of them change their local
@@ -203,7 +206,12 @@ async fn upgrades_keep_every_connection(t: Target) -> Vec<u32> {
         config,
         first_pid,
         change_workers,
+        admin: admin_port,
     } = t;
+    if let Some(port) = admin_port {
+        let (st, body) = admin(port, "POST", "/backends/app/b1/weight", "5", None);
+        assert_eq!(st, 200, "{body}");
+    }
     let mut reap = Reap(Vec::new());
     let downloads: Vec<_> = (0..DOWNLOADS)
         .map(|i| {
@@ -267,6 +275,12 @@ async fn upgrades_keep_every_connection(t: Target) -> Vec<u32> {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    // The admin override came along (the admin listener is the newest
+    // process's now).
+    if let Some(port) = admin_port {
+        let (_, list) = admin(port, "GET", "/backends", "", None);
+        assert!(list.contains("\"weight\": 5"), "{list}");
     }
     // Rollbacks: a "binary" that never becomes ready, one that exits at
     // once, and a config the new process would refuse.
@@ -361,8 +375,9 @@ fn reuseport_upgrades_keep_every_connection() {
     let notify_dir = tempfile::tempdir().unwrap();
     let notify_path = notify_dir.path().join("notify");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let admin_port = free_tcp_port();
     let sp = spooky_with(
-        &config(Upstream::h3("app", &certs, &[("b1", b)]), "reuseport"),
+        &config(Upstream::h3("app", &certs, &[("b1", b)]), "reuseport").admin(admin_port),
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     );
     let upgraded = runtime().block_on(upgrades_keep_every_connection(Target {
@@ -373,6 +388,7 @@ fn reuseport_upgrades_keep_every_connection() {
         config: sp.dir.path().join("spooky.yaml"),
         first_pid: sp.proc.pid(),
         change_workers: true,
+        admin: Some(admin_port),
     }));
     notify.set_nonblocking(true).unwrap();
     let mut messages = Vec::new();
@@ -424,6 +440,7 @@ fn xdp_upgrades_keep_every_connection() {
         config: sp.dir.path().join("spooky.yaml"),
         first_pid: sp.proc.pid(),
         change_workers: false,
+        admin: None,
     };
     netns::block_on_in(&net.client_ns, "upgrade-clients", move || {
         upgrades_keep_every_connection(target)
