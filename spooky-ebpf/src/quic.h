@@ -27,6 +27,9 @@
 /* First octet, version (4), DCID length (1), SCID length (1). */
 #define QUIC_LONG_MIN_LEN 7
 #define QUIC_LONG_DCID_OFF 6
+/* QUIC-LB first octet: config rotation (3 bits) | length - 1 (5 bits). */
+#define QUIC_LB_LEN_MASK 0x1f
+#define QUIC_LB_UNROUTABLE 7
 /* RFC 9000 14.1: a server discards Initials in smaller UDP payloads. */
 #define QUIC_MIN_INITIAL_PAYLOAD 1200
 
@@ -94,7 +97,15 @@ static __always_inline int quic_cid_worker(const struct spooky_config *cfg,
 	__u32 node_id_len = cfg->node_id_len;
 	__u8 diff = 0;
 
-	if (cid->len != cfg->cid_len || cid->bytes[0] != cfg->first_octet)
+	/*
+	 * The config rotation bits name the process generation that issued
+	 * the CID (during an upgrade two or more run side by side, and the
+	 * reuseport program picks between their sockets): any but 0b111
+	 * (unroutable) is ours. The length bits must match.
+	 */
+	if (cid->len != cfg->cid_len || (cid->bytes[0] & QUIC_LB_LEN_MASK) !=
+	    (cfg->first_octet & QUIC_LB_LEN_MASK) ||
+	    (cid->bytes[0] >> 5) == QUIC_LB_UNROUTABLE)
 		return -1;
 	/* Userspace never writes more; the check bounds the index below. */
 	if (node_id_len > SPOOKY_MAX_NODE_ID_LEN)

@@ -48,6 +48,25 @@ pub struct AdminState {
 /// Binds the admin listener and serves it on the current runtime.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
+    serve_listener(listener, addr, state)
+}
+
+/// Serves an admin listener bound elsewhere (handed over by the previous
+/// process at an upgrade, or bound by the server).
+pub fn serve_on(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+) -> std::io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    serve_listener(TcpListener::from_std(listener)?, addr, state)
+}
+
+fn serve_listener(
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+) -> std::io::Result<JoinHandle<()>> {
     info!(
         addr = %listener.local_addr().unwrap_or(addr),
         token = state.token.is_some(),

@@ -28,6 +28,7 @@ pub mod routing;
 pub mod server;
 pub mod steering;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod validate;
 pub mod worker;

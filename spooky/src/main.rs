@@ -41,6 +41,21 @@ enum Command {
         #[arg(short, long, default_value = "config/spooky.yaml")]
         config: PathBuf,
     },
+    /// Replace the running spooky with a new binary without dropping a
+    /// connection: the new process takes the sockets, the old one drains.
+    /// Exits non-zero, with the reason, when the new process fails (the old
+    /// one then keeps serving).
+    Upgrade {
+        #[arg(short, long, default_value = "config/spooky.yaml")]
+        config: PathBuf,
+        /// The new binary (default: the file the running spooky was
+        /// started from, e.g. after a package upgrade replaced it).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long the new process may take to become ready, e.g. 30s.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Validate a config file; exits non-zero and lists every problem.
     Check {
         #[arg(short, long, default_value = "config/spooky.yaml")]
@@ -140,6 +155,14 @@ fn main() -> ExitCode {
         (None, None) => run(PathBuf::from("config/spooky.yaml")),
         (Some(Command::Check { config }), _) => check(config),
         (Some(Command::Reload { config }), _) => reload(config),
+        (
+            Some(Command::Upgrade {
+                config,
+                binary,
+                timeout,
+            }),
+            _,
+        ) => upgrade(config, binary, timeout),
         (Some(Command::Get(args)), _) => get(args),
         (
             Some(Command::DemoBackend {
@@ -235,6 +258,55 @@ async fn admin_post(
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `spooky upgrade`: asks the running spooky (through the control socket
+/// in its state directory) to start the new binary and hand over.
+fn upgrade(path: PathBuf, binary: Option<PathBuf>, timeout: Duration) -> Result<ExitCode> {
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}\nnot upgrading: the new process would read this file and fail");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let binary = match binary {
+        Some(b) => {
+            Some(std::fs::canonicalize(&b).with_context(|| format!("--binary {}", b.display()))?)
+        }
+        None => None,
+    };
+    let reply = spooky::upgrade::control::request(
+        &cfg.state_dir,
+        &spooky::upgrade::control::UpgradeRequest {
+            binary,
+            timeout_ms: timeout.as_millis() as u64,
+        },
+    )?;
+    println!("{}", reply.message);
+    Ok(if reply.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `500ms`, `30s`, `2m`, or plain milliseconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => t.split_at(at),
+        None => (t, "ms"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 30s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{text}` is not a duration like 500ms, 30s or 2m")),
+    }
 }
 
 fn check(path: PathBuf) -> Result<ExitCode> {

@@ -51,6 +51,10 @@ pub struct Live {
     /// Config reloads by result.
     pub reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    /// This process's generation (the config rotation bits of its CIDs).
+    pub process_generation: IntGauge,
+    /// Upgrades this process started, by outcome (ok, failed).
+    pub upgrades: IntCounterVec,
     /// Requests retried (a second or later try), by upstream.
     pub retries: IntCounterVec,
     /// Downstream HTTP/3 connections spooky closed for a protocol error,
@@ -156,6 +160,15 @@ pub static LIVE: LazyLock<Live> = LazyLock::new(|| Live {
     config_generation: gauge(
         "spooky_config_generation",
         "Config generation in use (1 at start, +1 per successful reload).",
+    ),
+    process_generation: gauge(
+        "spooky_process_generation",
+        "This process's generation: the QUIC-LB config rotation bits of its CIDs (0-6; each upgrade moves to the next free one).",
+    ),
+    upgrades: counter_vec(
+        "spooky_upgrades_total",
+        "Upgrades this process started (spooky upgrade, SIGUSR2), by outcome (ok, failed).",
+        &["outcome"],
     ),
     retries: counter_vec(
         "spooky_retries_total",
@@ -366,6 +379,7 @@ pub fn render(s: &Scrape<'_>) -> String {
         &live.rate_limited,
         &live.reloads,
         &live.retries,
+        &live.upgrades,
     ] {
         f.add(c);
     }
@@ -378,6 +392,7 @@ pub fn render(s: &Scrape<'_>) -> String {
         &live.quic_streams,
         &live.tcp_connections,
         &live.config_generation,
+        &live.process_generation,
     ] {
         f.add(gv);
     }

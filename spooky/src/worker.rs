@@ -74,7 +74,7 @@ pub fn spawn(
     id: u8,
     cpu: Option<usize>,
     socket: UdpSocket,
-    tcp: Option<std::net::TcpListener>,
+    tcp: Vec<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
     channels: WorkerChannels,
 ) -> std::io::Result<WorkerHandle> {
@@ -178,7 +178,7 @@ fn admit(
 async fn run(
     id: u8,
     socket: UdpSocket,
-    tcp: Option<std::net::TcpListener>,
+    tcp: Vec<std::net::TcpListener>,
     shared: Arc<WorkerShared>,
     mut generations: watch::Receiver<Arc<Generation>>,
     mut drain: watch::Receiver<bool>,
@@ -220,16 +220,22 @@ async fn run(
         }
     });
 
-    let tcp_task = tcp.map(|l| {
-        tokio::spawn(listener::tcp::serve(
-            l,
-            shared.connections.clone(),
-            shared.alt_svc.clone(),
-            proxy.clone(),
-            activity.clone(),
-            drain.clone(),
-        ))
-    });
+    // Usually one listener; more when a predecessor with more workers
+    // handed its listeners over (each must be accepted on, or the SYNs
+    // queued on it would wait).
+    let tcp_tasks: Vec<_> = tcp
+        .into_iter()
+        .map(|l| {
+            tokio::spawn(listener::tcp::serve(
+                l,
+                shared.connections.clone(),
+                shared.alt_svc.clone(),
+                proxy.clone(),
+                activity.clone(),
+                drain.clone(),
+            ))
+        })
+        .collect();
     listener::log_listening(id as usize, local);
     let _ = events.send(WorkerEvent::Ready { id });
 
@@ -272,12 +278,16 @@ async fn run(
     // Drain: refuse new connections, let open ones finish their requests
     // (they got GOAWAY from the same signal), then close.
     endpoint.set_server_config(None);
-    if let Some(t) = tcp_task {
+    for t in tcp_tasks {
         // It stops accepting on the same signal; open TCP connections got
         // GOAWAY / connection: close and are counted in `activity`.
         let _ = tokio::time::timeout(Duration::from_millis(100), t).await;
     }
     let deadline = tokio::time::Instant::now() + proxy.load().config.drain_timeout;
+    // Progress every 5 s: after an upgrade this is how an operator follows
+    // the old generation (its admin listener belongs to the new one).
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
     loop {
         let conns = activity.connections.load(Ordering::Acquire);
         let reqs = activity.requests.load(Ordering::Acquire);
@@ -292,7 +302,15 @@ async fn run(
             debug!(worker = id, connections = conns, "drained");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = progress.tick() => info!(
+                worker = id,
+                requests = reqs,
+                connections = conns,
+                "draining"
+            ),
+        }
     }
     endpoint.close(quinn::VarInt::from_u32(0x100), b"shutting down");
     proxy.load().upstreams.close_all();

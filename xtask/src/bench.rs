@@ -8,6 +8,9 @@
 //!   spooky and Caddy on the same nginx backend (`benches/proxy.rs`).
 //! * `memory`: peak RSS while streaming large bodies and RSS per idle
 //!   HTTP/3 connection, spooky vs Caddy (`benches/proxy.rs`).
+//! * `upgrade`: the cost of `spooky upgrade` against a plain stop and start
+//!   under the same load: time until the new process serves, RSS while
+//!   both run, requests lost (`benches/upgrade.rs`).
 //!
 //! Without `--only`, all three run; proxy and memory share one bench run so
 //! their figures end in one table (and in `bench/results/latest.{md,json,png}`).
@@ -40,10 +43,15 @@ pub fn run(
         quick,
     };
     let r = match only {
-        None => xdp().and_then(|()| proxy(&opts, "proxy,memory")),
+        None => xdp()
+            .and_then(|()| proxy(&opts, "proxy,memory"))
+            .and_then(|()| upgrade(&opts)),
         Some("xdp") => xdp(),
+        Some("upgrade") => upgrade(&opts),
         Some(s @ ("proxy" | "memory" | "h3" | "h2")) => proxy(&opts, s),
-        Some(other) => bail!("unknown benchmark `{other}`: use xdp, proxy (h3, h2) or memory"),
+        Some(other) => {
+            bail!("unknown benchmark `{other}`: use xdp, proxy (h3, h2), memory or upgrade")
+        }
     };
     let secs = started.elapsed().as_secs();
     println!(
@@ -129,6 +137,20 @@ fn xdp() -> Result<()> {
             .current_dir(root()?)
             .args(["bench", "-p", "spooky", "--bench", "xdp_steering"]),
     )
+}
+
+/// `spooky upgrade` vs stop + start (`benches/upgrade.rs`).
+fn upgrade(o: &ProxyOpts) -> Result<()> {
+    let mut c = cargo();
+    c.current_dir(root()?)
+        .args(["bench", "-p", "spooky", "--bench", "upgrade", "--"]);
+    if o.quick {
+        c.arg("--quick");
+    }
+    if let Some(r) = o.rounds {
+        c.args(["--rounds", &r.to_string()]);
+    }
+    must(&mut c)
 }
 
 /// spooky vs Caddy: the bench starts `target/release/spooky`, which `cargo

@@ -50,7 +50,8 @@ enum Cmd {
         /// 2 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
-        /// Only this benchmark: `xdp`, `proxy` (`h3`, `h2`) or `memory`.
+        /// Only this benchmark: `xdp`, `proxy` (`h3`, `h2`), `memory` or
+        /// `upgrade`.
         #[arg(long)]
         only: Option<String>,
         /// The short set (about 2 minutes): fewer rounds, shorter runs, no

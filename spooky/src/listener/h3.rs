@@ -111,10 +111,13 @@ pub async fn serve_connection(
         let _ = h3.shutdown(0).await;
     }
     let mut drained_check = tokio::time::interval(Duration::from_millis(20));
+    let mut accepted_any = false;
+    let mut goaway_at: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
+                    accepted_any = true;
                     // quinn tracks the client's current address: it changes
                     // when the client migrates.
                     let peer_now = quic.remote_address();
@@ -170,7 +173,14 @@ pub async fn serve_connection(
                     // stream id is the next one not yet accepted, so every
                     // request the client may still send is refused by the
                     // client itself (and safe to retry elsewhere).
-                    if let Err(e) = h3.shutdown(0).await {
+                    // A connection that has not sent its first request yet
+                    // (it was accepted in the instant before the drain, e.g.
+                    // by the old process of an upgrade) gets that one
+                    // request: the client sent it before it could see the
+                    // GOAWAY, and h3 clients do not retry it elsewhere.
+                    let grace = usize::from(!accepted_any);
+                    goaway_at = Some(std::time::Instant::now());
+                    if let Err(e) = h3.shutdown(grace).await {
                         debug!(%peer, error = %e, "GOAWAY failed");
                     }
                 }
@@ -178,7 +188,10 @@ pub async fn serve_connection(
             // h3 keeps `accept` pending after GOAWAY until the client
             // closes: leave once the accepted requests are done.
             _ = drained_check.tick(), if goaway_sent => {
-                if in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                // (A connection given its first request waits a moment for
+                // it to arrive.)
+                let waited = goaway_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(1));
+                if in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 && (accepted_any || waited) {
                     break;
                 }
             }

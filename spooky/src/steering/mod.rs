@@ -1,14 +1,18 @@
 //! Packet steering: which worker's socket receives a QUIC datagram. Chooses
 //! the mode (XDP, reuseport CBPF, or the kernel's 4-tuple hash), binds the
-//! workers' `SO_REUSEPORT` sockets in worker order, and owns the XDP
-//! control plane while it runs.
+//! workers' `SO_REUSEPORT` sockets (or joins a group handed over by the
+//! previous process), and owns the XDP control plane while it runs.
 
+pub mod group;
 mod netlink;
 pub mod reuseport;
 pub mod xdp;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::OwnedFd;
+
+use group::{GroupPlan, Owner, Placement};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use spooky_common::CidLayout;
@@ -48,14 +52,16 @@ pub enum SteeringError {
         source: io::Error,
     },
     #[error(
-        "UDP {addr} is already in use (another spooky still draining, or another program). \
-         Steering needs spooky's worker sockets alone in their reuseport group (the CBPF program \
-         picks sockets by position, and SO_INCOMING_CPU by CPU): stop the other process first, \
-         or set steering.mode: off"
+        "UDP {addr} is already in use (another spooky, or another program). To replace a \
+         running spooky without dropping connections, run `spooky upgrade` instead of a second \
+         `spooky run`. Otherwise steering needs spooky's worker sockets alone in their reuseport \
+         group (the selection program picks sockets by position): stop the other process first"
     )]
     PortInUse { addr: SocketAddr },
     #[error(transparent)]
     Reuseport(#[from] reuseport::ReuseportError),
+    #[error(transparent)]
+    Group(#[from] group::GroupError),
     #[error(transparent)]
     Xdp(#[from] xdp::XdpError),
 }
@@ -145,64 +151,203 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Binds one `SO_REUSEPORT` UDP socket per worker on `addr`, in worker
-/// order (the reuseport group's socket index is the bind order, which the
-/// CBPF program relies on). `cpus[i]`, when set, becomes worker i's
-/// `SO_INCOMING_CPU`, which the kernel uses to pick the socket after an XDP
-/// CPU redirect. Port 0 binds an ephemeral port shared by all.
+/// The UDP reuseport group as this process holds it: every socket of the
+/// group in position order (its own workers' and those of other
+/// generations, which must stay open so that no position moves), the plan
+/// naming who owns which, and where this process's workers are.
+pub struct UdpGroup {
+    pub sockets: Vec<OwnedFd>,
+    pub plan: GroupPlan,
+    pub placement: Placement,
+    pub workers: u32,
+}
+
+impl UdpGroup {
+    /// Worker `i`'s socket (a duplicate descriptor of its position).
+    pub fn worker_socket(&self, i: u32) -> io::Result<UdpSocket> {
+        let fd = self
+            .sockets
+            .get((self.placement.base + i) as usize)
+            .ok_or_else(|| io::Error::other(format!("no socket for worker {i}")))?;
+        Ok(UdpSocket::from(fd.try_clone()?))
+    }
+
+    /// The port the group is bound to.
+    pub fn port(&self) -> Option<u16> {
+        let fd = self.sockets.first()?.try_clone().ok()?;
+        UdpSocket::from(fd).local_addr().ok().map(|a| a.port())
+    }
+
+    /// Attaches the selection program for the current plan (no-op in mode
+    /// `off`, where the kernel's hash picks).
+    pub fn select(
+        &self,
+        mode: Effective,
+        layout: &spooky_common::CidLayout,
+        cpus: &[Option<usize>],
+    ) -> Result<(), SteeringError> {
+        if mode == Effective::Off {
+            return Ok(());
+        }
+        let fallback = match cpus.iter().copied().collect::<Option<Vec<usize>>>() {
+            Some(c) if mode == Effective::Xdp => {
+                reuseport::Fallback::Cpus(c.into_iter().map(|c| c as u32).collect())
+            }
+            _ => reuseport::Fallback::Hash,
+        };
+        let first = self.sockets.first().ok_or(SteeringError::Reuseport(
+            reuseport::ReuseportError::NoWorkers,
+        ))?;
+        reuseport::attach_reuseport_cbpf(first, layout, &self.plan, &fallback)?;
+        Ok(())
+    }
+}
+
+/// This process as a block owner: its pid and start time.
+pub fn this_process() -> Owner {
+    let pid = std::process::id();
+    Owner {
+        pid,
+        start_time: process_start_time(pid).unwrap_or(0),
+    }
+}
+
+/// Whether the process that owned a block still runs (same pid, same
+/// start time).
+pub fn is_alive(owner: Owner) -> bool {
+    process_start_time(owner.pid).is_some_and(|t| t == owner.start_time || owner.start_time == 0)
+}
+
+/// Field 22 of `/proc/PID/stat` (after the parenthesised command name,
+/// which may contain spaces).
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    // After ")": state is field 3, so start time (22) is the 20th.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Binds this process's worker sockets on `addr`: alone (`inherited` is
+/// `None`: one new socket per worker, the whole group), or beside the
+/// previous process's generations (`inherited`: their sockets in position
+/// order and their plan; the workers reuse a free block of the same size or
+/// bind new sockets at the end). `cpus[i]`, when set, becomes worker i's
+/// `SO_INCOMING_CPU`. Port 0 binds an ephemeral port shared by all. The
+/// selection program is attached here only when binding alone; after an
+/// upgrade, the caller attaches it once its workers are ready.
 pub fn bind_worker_sockets(
     addr: SocketAddr,
     cpus: &[Option<usize>],
     mode: Effective,
     layout: &CidLayout,
-) -> Result<Vec<UdpSocket>, SteeringError> {
-    if addr.port() != 0 && mode != Effective::Off {
-        ensure_port_free(addr)?;
-    }
+    inherited: Option<(Vec<OwnedFd>, GroupPlan)>,
+) -> Result<UdpGroup, SteeringError> {
+    let workers = cpus.len() as u32;
+    let me = this_process();
+    let (mut sockets, mut plan) = match inherited {
+        Some(group) => group,
+        None => {
+            if addr.port() != 0 && mode != Effective::Off {
+                ensure_port_free(addr)?;
+            }
+            (
+                Vec::new(),
+                GroupPlan::first(layout.config_id(), workers, me),
+            )
+        }
+    };
+    let alone = sockets.is_empty();
+    let placement = if alone {
+        Placement {
+            generation: layout.config_id(),
+            base: 0,
+            reused: false,
+        }
+    } else {
+        plan.place(workers, me)?
+    };
     let mut addr = addr;
-    let mut sockets = Vec::with_capacity(cpus.len());
-    for cpu in cpus {
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-            .map_err(|source| SteeringError::Bind { addr, source })?;
-        let opt =
-            |option: &'static str| move |source| SteeringError::SocketOption { option, source };
-        if addr.is_ipv6() {
-            // `::` serves IPv4 clients too, like every other listener.
-            s.set_only_v6(false).map_err(opt("IPV6_V6ONLY"))?;
-        }
-        s.set_reuse_port(true).map_err(opt("SO_REUSEPORT"))?;
-        if mode == Effective::Xdp
-            && let Some(cpu) = cpu
-        {
-            s.set_cpu_affinity(*cpu).map_err(opt("SO_INCOMING_CPU"))?;
-        }
-        // Bursts of handshakes and migrations arrive faster than one worker
-        // drains them; a larger queue drops fewer (the kernel caps it at
-        // net.core.rmem_max unless we are privileged).
-        let _ = s.set_recv_buffer_size(4 << 20);
-        let _ = s.set_send_buffer_size(4 << 20);
-        s.bind(&addr.into())
-            .map_err(|source| SteeringError::Bind { addr, source })?;
-        if addr.port() == 0 {
-            let local =
-                s.local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .ok_or(SteeringError::Bind {
-                        addr,
-                        source: io::Error::other("no local address after bind"),
+    if let Some(first) = sockets.first() {
+        let bound = UdpSocket::from(
+            first
+                .try_clone()
+                .map_err(|source| SteeringError::Bind { addr, source })?,
+        )
+        .local_addr()
+        .map_err(|source| SteeringError::Bind { addr, source })?;
+        addr.set_port(bound.port());
+    }
+    for (i, cpu) in cpus.iter().enumerate() {
+        let position = placement.base as usize + i;
+        if placement.reused {
+            let s = socket2::SockRef::from(&sockets[position]);
+            if mode == Effective::Xdp
+                && let Some(cpu) = cpu
+            {
+                s.set_cpu_affinity(*cpu)
+                    .map_err(|source| SteeringError::SocketOption {
+                        option: "SO_INCOMING_CPU",
+                        source,
                     })?;
-            addr.set_port(local.port());
+            }
+            continue;
         }
-        s.set_nonblocking(true).map_err(opt("O_NONBLOCK"))?;
-        sockets.push(UdpSocket::from(s));
+        let s = bind_one(&mut addr, *cpu, mode)?;
+        debug_assert_eq!(sockets.len(), position);
+        sockets.push(OwnedFd::from(s));
     }
-    if mode == Effective::Reuseport
-        && let Some(first) = sockets.first()
+    let group = UdpGroup {
+        sockets,
+        plan,
+        placement,
+        workers,
+    };
+    if alone {
+        group.select(mode, layout, cpus)?;
+    }
+    Ok(group)
+}
+
+/// Binds one worker socket; on port 0 the first one fixes the port.
+fn bind_one(
+    addr: &mut SocketAddr,
+    cpu: Option<usize>,
+    mode: Effective,
+) -> Result<Socket, SteeringError> {
+    let at = *addr;
+    let s = Socket::new(Domain::for_address(at), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|source| SteeringError::Bind { addr: at, source })?;
+    let opt = |option: &'static str| move |source| SteeringError::SocketOption { option, source };
+    if at.is_ipv6() {
+        // `::` serves IPv4 clients too, like every other listener.
+        s.set_only_v6(false).map_err(opt("IPV6_V6ONLY"))?;
+    }
+    s.set_reuse_port(true).map_err(opt("SO_REUSEPORT"))?;
+    if mode == Effective::Xdp
+        && let Some(cpu) = cpu
     {
-        reuseport::attach_reuseport_cbpf(first, layout, sockets.len() as u32)?;
+        s.set_cpu_affinity(cpu).map_err(opt("SO_INCOMING_CPU"))?;
     }
-    Ok(sockets)
+    // Bursts of handshakes and migrations arrive faster than one worker
+    // drains them; a larger queue drops fewer (the kernel caps it at
+    // net.core.rmem_max unless we are privileged).
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&at.into())
+        .map_err(|source| SteeringError::Bind { addr: at, source })?;
+    if at.port() == 0 {
+        let local = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or(SteeringError::Bind {
+                addr: at,
+                source: io::Error::other("no local address after bind"),
+            })?;
+        addr.set_port(local.port());
+    }
+    s.set_nonblocking(true).map_err(opt("O_NONBLOCK"))?;
+    Ok(s)
 }
 
 /// Fails when another socket holds `addr`: a socket that joined the
@@ -255,16 +400,16 @@ mod tests {
     #[test]
     fn sockets_share_one_port() {
         let layout = CidLayout::new(0, &[0, 0], 12).unwrap();
-        let socks = bind_worker_sockets(
+        let group = bind_worker_sockets(
             "127.0.0.1:0".parse().unwrap(),
             &[None, None, None],
             Effective::Off,
             &layout,
+            None,
         )
         .unwrap();
-        let ports: Vec<u16> = socks
-            .iter()
-            .map(|s| s.local_addr().unwrap().port())
+        let ports: Vec<u16> = (0..3)
+            .map(|i| group.worker_socket(i).unwrap().local_addr().unwrap().port())
             .collect();
         assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
     }
@@ -277,15 +422,35 @@ mod tests {
             &[None, None],
             Effective::Reuseport,
             &layout,
+            None,
         )
         .unwrap();
-        let addr = first[0].local_addr().unwrap();
-        let err =
-            bind_worker_sockets(addr, &[None, None], Effective::Reuseport, &layout).unwrap_err();
+        let addr = first.worker_socket(0).unwrap().local_addr().unwrap();
+        let err = bind_worker_sockets(addr, &[None, None], Effective::Reuseport, &layout, None)
+            .err()
+            .unwrap();
         assert!(matches!(err, SteeringError::PortInUse { .. }), "{err}");
         assert!(err.to_string().contains("already in use"), "{err}");
         // Mode off joins the group regardless (its hash has no positions).
-        assert!(bind_worker_sockets(addr, &[None], Effective::Off, &layout).is_ok());
+        assert!(bind_worker_sockets(addr, &[None], Effective::Off, &layout, None).is_ok());
+        // A successor joins with the group handed over: a new block.
+        let fds = first
+            .sockets
+            .iter()
+            .map(|s| s.try_clone().unwrap())
+            .collect();
+        let next = bind_worker_sockets(
+            addr,
+            &[None, None, None],
+            Effective::Reuseport,
+            &layout,
+            Some((fds, first.plan.clone())),
+        )
+        .unwrap();
+        assert_eq!(next.placement.base, 2);
+        assert_eq!(next.placement.generation, 1);
+        assert_eq!(next.sockets.len(), 5);
+        assert_eq!(next.worker_socket(2).unwrap().local_addr().unwrap(), addr);
     }
 
     #[test]

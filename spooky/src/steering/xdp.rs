@@ -11,16 +11,14 @@ use std::{
     collections::BTreeSet,
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, CpuMap, Map, MapData, PerCpuArray},
-    programs::{
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, loaded_programs, xdp::XdpLinkId,
-    },
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, loaded_programs},
 };
 use spooky_common::{
     CidLayout,
@@ -194,11 +192,22 @@ pub mod action {
 struct Attachment {
     interface: String,
     mode: AttachMode,
-    link: XdpLinkId,
+    /// The BPF link: the program stays attached while any process holds
+    /// a descriptor of it (a successor takes one at an upgrade and points
+    /// the link at its own program).
+    link: OwnedFd,
 }
 
-/// The loaded XDP program, its maps and its attachments. Dropping it detaches
-/// the program from every interface.
+/// An XDP link handed over by the previous process at an upgrade.
+pub struct InheritedLink {
+    pub interface: String,
+    pub mode: AttachMode,
+    pub link: OwnedFd,
+}
+
+/// The loaded XDP program, its maps and its attachments. Dropping it
+/// releases its links: the program is detached from every interface unless
+/// a successor holds the link too.
 pub struct XdpSteering {
     ebpf: Ebpf,
     config: SteeringConfig,
@@ -266,7 +275,9 @@ impl XdpSteering {
     /// Attaches to an interface: native (driver) mode first, falling back to
     /// generic (SKB) mode with an info log line naming the interface and the
     /// reason. A `spooky_xdp` left attached by a crashed earlier run is
-    /// detached first; any other XDP program is refused.
+    /// detached first; any other XDP program is refused. The attachment is
+    /// a BPF link, which dies with the last descriptor of it: a crash
+    /// leaves nothing attached.
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, XdpError> {
         if let Some(a) = self.attached.iter().find(|a| a.interface == interface) {
             return Ok(a.mode);
@@ -275,22 +286,34 @@ impl XdpSteering {
         remove_stale(interface, ifindex)?;
 
         let program = xdp_program_mut(&mut self.ebpf)?;
-        let (link, mode) = match program.attach_to_if_index(ifindex, XdpMode::Driver) {
+        let prog = program.fd().map_err(|e| XdpError::Attach {
+            interface: interface.to_owned(),
+            native: chain(&e),
+            generic: String::new(),
+        })?;
+        let (link, mode) = match xdp_link_create(prog.as_fd(), ifindex, XDP_FLAGS_DRV_MODE) {
             Ok(link) => (link, AttachMode::Native),
             Err(native) => {
-                let native = chain(&native);
+                let native = format!("bpf_link_create (driver mode): {native}");
                 info!(
                     interface = %interface,
                     reason = %native,
                     "native XDP unavailable, attaching in generic (SKB) mode"
                 );
-                match program.attach_to_if_index(ifindex, XdpMode::Skb) {
+                match xdp_link_create(prog.as_fd(), ifindex, XDP_FLAGS_SKB_MODE) {
                     Ok(link) => (link, AttachMode::Generic),
                     Err(generic) => {
+                        if generic.raw_os_error() == Some(libc::EBUSY) {
+                            return Err(XdpError::HeldByOther {
+                                interface: interface.to_owned(),
+                                id: 0,
+                                reason: generic.to_string(),
+                            });
+                        }
                         return Err(XdpError::Attach {
                             interface: interface.to_owned(),
                             native,
-                            generic: chain(&generic),
+                            generic: format!("bpf_link_create (SKB mode): {generic}"),
                         });
                     }
                 }
@@ -305,34 +328,74 @@ impl XdpSteering {
         Ok(mode)
     }
 
+    /// Takes over a link the previous process attached: points it at this
+    /// process's program, atomically (no packet sees no program).
+    pub fn adopt(&mut self, inherited: InheritedLink) -> Result<(), XdpError> {
+        let program = xdp_program_mut(&mut self.ebpf)?;
+        let failed = |reason: String| XdpError::Netlink {
+            action: "take over the XDP link",
+            interface: inherited.interface.clone(),
+            source: io::Error::other(reason),
+        };
+        let prog = program.fd().map_err(|e| failed(chain(&e)))?;
+        bpf_link_update(inherited.link.as_fd(), prog.as_fd())
+            .map_err(|e| failed(format!("bpf_link_update: {e}")))?;
+        info!(interface = %inherited.interface, mode = %inherited.mode, "took over the XDP link");
+        self.attached.retain(|a| a.interface != inherited.interface);
+        self.attached.push(Attachment {
+            interface: inherited.interface,
+            mode: inherited.mode,
+            link: inherited.link,
+        });
+        Ok(())
+    }
+
+    /// Points every link back at this process's program: the rollback of
+    /// an upgrade whose successor had taken them.
+    pub fn reclaim(&mut self) -> Result<(), XdpError> {
+        let program = xdp_program_mut(&mut self.ebpf)?;
+        let prog = program.fd().map_err(|e| XdpError::Netlink {
+            action: "reclaim the XDP links",
+            interface: String::new(),
+            source: io::Error::other(chain(&e)),
+        })?;
+        for a in &self.attached {
+            bpf_link_update(a.link.as_fd(), prog.as_fd()).map_err(|source| XdpError::Netlink {
+                action: "reclaim the XDP link",
+                interface: a.interface.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Duplicates of the links, to hand to a successor.
+    pub fn links(&self) -> io::Result<Vec<InheritedLink>> {
+        self.attached
+            .iter()
+            .map(|a| {
+                Ok(InheritedLink {
+                    interface: a.interface.clone(),
+                    mode: a.mode,
+                    link: a.link.try_clone()?,
+                })
+            })
+            .collect()
+    }
+
     /// The interfaces the program is attached to, with their modes.
     pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode)> {
         self.attached.iter().map(|a| (a.interface.as_str(), a.mode))
     }
 
-    /// Detaches from every interface (also done on drop).
+    /// Releases every link (also done on drop): the program is detached
+    /// from an interface unless a successor holds its link.
     pub fn detach_all(&mut self) -> Result<(), XdpError> {
-        let attached = std::mem::take(&mut self.attached);
-        if attached.is_empty() {
-            return Ok(());
+        for a in std::mem::take(&mut self.attached) {
+            info!(interface = %a.interface, mode = %a.mode, "released the spooky_xdp link");
+            drop(a.link);
         }
-        let program = xdp_program_mut(&mut self.ebpf)?;
-        let mut first_error = None;
-        for a in attached {
-            match program.detach(a.link) {
-                Ok(()) => info!(interface = %a.interface, mode = %a.mode, "detached spooky_xdp"),
-                Err(e) => {
-                    let reason = chain(&e);
-                    warn!(interface = %a.interface, %reason, "cannot detach spooky_xdp");
-                    first_error.get_or_insert(XdpError::Netlink {
-                        action: "detach",
-                        interface: a.interface,
-                        source: io::Error::other(reason),
-                    });
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Sets a worker's CPU and state. A live or draining worker's CPU gets a
@@ -667,6 +730,79 @@ fn remove_stale(interface: &str, ifindex: u32) -> Result<(), XdpError> {
         }
     }
     Ok(())
+}
+
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// `BPF_LINK_CREATE` for an XDP program on an interface.
+fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_XDP: u32 = 37;
+    // The link_create member of `union bpf_attr`; the kernel wants the
+    // rest of the union zero, hence the padding.
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 6],
+    }
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags,
+        _rest: [0; 6],
+    };
+    // SAFETY: `attr` outlives the call and its size is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &attr as *const LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_LINK_CREATE returned a new descriptor that nobody else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: points `link` at `prog`.
+fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `BPF_MAP_DELETE_ELEM` with a `u32` key.

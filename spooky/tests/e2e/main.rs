@@ -22,6 +22,7 @@ mod operations;
 mod protocols;
 mod proxy_h3;
 mod resilience;
+mod upgrade;
 mod xdp_attach;
 mod xdp_fixtures;
 mod zero_rtt;

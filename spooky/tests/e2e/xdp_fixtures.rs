@@ -615,10 +615,13 @@ fn rows() -> Vec<Row> {
             two(),
             unknown_to(two_setup.hashed_cpu(&foreign)),
         ));
+        // The config rotation bits name the process generation: during an
+        // upgrade the previous generation's CIDs still reach their worker's
+        // CPU (the reuseport program then picks that generation's socket).
         let mut rotated = our_cid(1, 320 + seed);
-        rotated[0] ^= 0x20; // other config rotation bits
+        rotated[0] ^= 0x20; // another generation
         rows.push(row(
-            format!("Handshake with a CID of another config #{seed}"),
+            format!("Handshake with a CID of another generation #{seed}"),
             v4().udp(&quic_long(
                 LongType::Handshake,
                 QUIC_V1,
@@ -628,7 +631,22 @@ fn rows() -> Vec<Row> {
                 true,
             )),
             two(),
-            hashed_to(two_setup.hashed_cpu(&rotated)),
+            ours_long_to(1),
+        ));
+        let mut unroutable = our_cid(1, 330 + seed);
+        unroutable[0] |= 0xe0; // config rotation 0b111: unroutable
+        rows.push(row(
+            format!("Handshake with an unroutable CID #{seed}"),
+            v4().udp(&quic_long(
+                LongType::Handshake,
+                QUIC_V1,
+                &unroutable,
+                &[1; 8],
+                400,
+                true,
+            )),
+            two(),
+            hashed_to(two_setup.hashed_cpu(&unroutable)),
         ));
     }
     // Repeated Initial: a retransmission carries the same DCID in a

@@ -421,6 +421,11 @@ pub fn spooky_in_netns(
     start_spooky(netns::command_in(netns, spooky_bin()), config, port, env)
 }
 
+/// Spawns a `spooky run` command and waits until it serves.
+pub fn spawn_ready(cmd: Command) -> Proc {
+    spawn_and_wait(cmd, "spooky", "spooky ready")
+}
+
 /// Spawns `cmd` with its output captured and waits for `ready` in it.
 /// The child gets SIGKILL when the thread that spawned it dies, so a test
 /// process killed outright leaves no proxy running in a namespace (the
